@@ -1,0 +1,1 @@
+"""Triton kernels with PyTorch reference twins (installed as coop_min.kernels)."""
