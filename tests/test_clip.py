@@ -1,0 +1,217 @@
+"""CLIP architectures: every OpenAI model builds from a state dict of its real shapes, and our forward
+matches an independent functional re-implementation of OpenAI's model.py (sequence-first layout,
+nn.MultiheadAttention maths via F.multi_head_attention_forward, an additive -inf causal mask)."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from coop_min.clip import CLIP, CLIPConfig, build_clip, convert_dtype, infer_config
+
+# name: (embed, resolution, vision layers, vision width, patch, text width, text heads, text layers)
+OPENAI_MODELS = {
+    "RN50": (1024, 224, (3, 4, 6, 3), 64, None, 512, 8, 12),
+    "RN101": (512, 224, (3, 4, 23, 3), 64, None, 512, 8, 12),
+    "RN50x4": (640, 288, (4, 6, 10, 6), 80, None, 640, 10, 12),
+    "RN50x16": (768, 384, (6, 8, 18, 8), 96, None, 768, 12, 12),
+    "RN50x64": (1024, 448, (3, 15, 36, 10), 128, None, 1024, 16, 12),
+    "ViT-B/32": (512, 224, 12, 768, 32, 512, 8, 12),
+    "ViT-B/16": (512, 224, 12, 768, 16, 512, 8, 12),
+    "ViT-L/14": (768, 224, 24, 1024, 14, 768, 12, 12),
+    "ViT-L/14@336px": (768, 336, 24, 1024, 14, 768, 12, 12),
+}
+
+
+def _config(name):
+    e, r, vl, vw, p, tw, th, tl = OPENAI_MODELS[name]
+    heads = vw // 64 if p else vw * 32 // 64
+    return CLIPConfig(e, r, vl, vw, p, heads, 77, 49408, tw, th, tl)
+
+
+@pytest.mark.parametrize("name", list(OPENAI_MODELS))
+def test_every_openai_architecture_builds_from_its_shapes(name):
+    expected = _config(name)
+    with torch.device("meta"):  # shapes only: RN50x64 would take seconds and GiBs to materialise
+        sd = CLIP(expected).state_dict()
+    assert infer_config(sd) == expected
+    with torch.device("meta"):
+        model = build_clip(sd)
+    assert not any(p.requires_grad for p in model.parameters()) and not model.training
+
+
+# ---------------------------------------------------------------------------------------------
+# independent functional reference, following OpenAI clip/model.py literally
+
+
+def _ln(x, sd, p):
+    return F.layer_norm(x.float(), x.shape[-1:], sd[p + ".weight"], sd[p + ".bias"], 1e-5)
+
+
+def _resblock(x, sd, p, heads, mask=None):  # x: (L, N, W)
+    h = _ln(x, sd, p + ".ln_1")
+    W = x.shape[-1]
+    a, _ = F.multi_head_attention_forward(
+        h, h, h, W, heads, sd[p + ".attn.in_proj_weight"], sd[p + ".attn.in_proj_bias"], None, None, False, 0.0,
+        sd[p + ".attn.out_proj.weight"], sd[p + ".attn.out_proj.bias"], need_weights=False, attn_mask=mask)
+    x = x + a
+    h = F.linear(_ln(x, sd, p + ".ln_2"), sd[p + ".mlp.c_fc.weight"], sd[p + ".mlp.c_fc.bias"])
+    h = h * torch.sigmoid(1.702 * h)
+    return x + F.linear(h, sd[p + ".mlp.c_proj.weight"], sd[p + ".mlp.c_proj.bias"])
+
+
+def _ref_text(sd, tokens, heads, layers):
+    x = sd["token_embedding.weight"][tokens] + sd["positional_embedding"]
+    L = tokens.shape[1]
+    mask = torch.full((L, L), float("-inf")).triu_(1)
+    x = x.permute(1, 0, 2)
+    for i in range(layers):
+        x = _resblock(x, sd, f"transformer.resblocks.{i}", heads, mask)
+    x = _ln(x.permute(1, 0, 2), sd, "ln_final")
+    return x[torch.arange(x.shape[0]), tokens.argmax(-1)] @ sd["text_projection"]
+
+
+def _ref_vit(sd, images, heads, layers):
+    x = F.conv2d(images, sd["visual.conv1.weight"], stride=sd["visual.conv1.weight"].shape[-1])
+    x = x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1)
+    cls = sd["visual.class_embedding"] + torch.zeros(x.shape[0], 1, x.shape[-1])
+    x = torch.cat([cls, x], dim=1) + sd["visual.positional_embedding"]
+    x = _ln(x, sd, "visual.ln_pre").permute(1, 0, 2)
+    for i in range(layers):
+        x = _resblock(x, sd, f"visual.transformer.resblocks.{i}", heads)
+    return _ln(x.permute(1, 0, 2)[:, 0, :], sd, "visual.ln_post") @ sd["visual.proj"]
+
+
+def _bn(x, sd, p):
+    return F.batch_norm(x, sd[p + ".running_mean"], sd[p + ".running_var"], sd[p + ".weight"], sd[p + ".bias"],
+                        False, 0.0, 1e-5)
+
+
+def _bottleneck(x, sd, p, stride):
+    out = F.relu(_bn(F.conv2d(x, sd[p + ".conv1.weight"]), sd, p + ".bn1"))
+    out = F.relu(_bn(F.conv2d(out, sd[p + ".conv2.weight"], padding=1), sd, p + ".bn2"))
+    if stride > 1:
+        out = F.avg_pool2d(out, stride)
+    out = _bn(F.conv2d(out, sd[p + ".conv3.weight"]), sd, p + ".bn3")
+    if p + ".downsample.0.weight" in sd:
+        x = x if stride == 1 else F.avg_pool2d(x, stride)
+        x = _bn(F.conv2d(x, sd[p + ".downsample.0.weight"]), sd, p + ".downsample.1")
+    return F.relu(out + x)
+
+
+def _ref_resnet(sd, images, heads, layers):
+    x = F.relu(_bn(F.conv2d(images, sd["visual.conv1.weight"], stride=2, padding=1), sd, "visual.bn1"))
+    x = F.relu(_bn(F.conv2d(x, sd["visual.conv2.weight"], padding=1), sd, "visual.bn2"))
+    x = F.relu(_bn(F.conv2d(x, sd["visual.conv3.weight"], padding=1), sd, "visual.bn3"))
+    x = F.avg_pool2d(x, 2)
+    for stage, n in enumerate(layers, start=1):
+        for b in range(n):
+            x = _bottleneck(x, sd, f"visual.layer{stage}.{b}", 2 if (b == 0 and stage > 1) else 1)
+    x = x.flatten(2).permute(2, 0, 1)                                      # (HW, N, C)
+    x = torch.cat([x.mean(dim=0, keepdim=True), x], dim=0) + sd["visual.attnpool.positional_embedding"][:, None]
+    p = "visual.attnpool."
+    out, _ = F.multi_head_attention_forward(
+        x[:1], x, x, x.shape[-1], heads, None,
+        torch.cat([sd[p + "q_proj.bias"], sd[p + "k_proj.bias"], sd[p + "v_proj.bias"]]), None, None, False, 0.0,
+        sd[p + "c_proj.weight"], sd[p + "c_proj.bias"], use_separate_proj_weight=True,
+        q_proj_weight=sd[p + "q_proj.weight"], k_proj_weight=sd[p + "k_proj.weight"],
+        v_proj_weight=sd[p + "v_proj.weight"], need_weights=False)
+    return out.squeeze(0)
+
+
+def _randomise_batchnorm(sd, gen):
+    # Random-init BN is the identity (mean 0, var 1); give it real statistics so the check means something.
+    for k in sd:
+        if k.endswith("running_mean") or k.endswith(".bias") and "bn" in k:
+            sd[k] = 0.1 * torch.randn(sd[k].shape, generator=gen)
+        elif k.endswith("running_var"):
+            sd[k] = 0.5 + torch.rand(sd[k].shape, generator=gen)
+        elif ("bn" in k or "downsample.1" in k) and k.endswith(".weight"):
+            sd[k] = 1 + 0.1 * torch.randn(sd[k].shape, generator=gen)
+    return sd
+
+
+def _tokens(n, L=77, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.zeros(n, L, dtype=torch.long)
+    for i in range(n):
+        length = int(torch.randint(1, 20, (1,), generator=g))
+        tokens[i, 0] = 49406
+        tokens[i, 1:length + 1] = torch.randint(1, 49406, (length,), generator=g)
+        tokens[i, length + 1] = 49407
+    return tokens
+
+
+def _rel(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+@torch.no_grad()
+def test_vit_b16_real_shapes_match_reference():
+    torch.manual_seed(0)
+    cfg = _config("ViT-B/16")
+    sd = CLIP(cfg).state_dict()
+    model = build_clip(sd)
+    images = torch.randn(2, 3, 224, 224)
+    tokens = _tokens(3)
+    assert _rel(model.encode_image(images), _ref_vit(sd, images, 12, 12)) < 1e-5
+    ref_text = _ref_text(sd, tokens, 8, 12)
+    assert _rel(model.encode_text(tokens), ref_text) < 1e-5
+    assert _rel(model.encode_text(tokens, truncate=False), ref_text) < 1e-5
+
+
+@torch.no_grad()
+def test_rn50_real_shapes_match_reference():
+    torch.manual_seed(1)
+    cfg = _config("RN50")
+    sd = _randomise_batchnorm(CLIP(cfg).state_dict(), torch.Generator().manual_seed(2))
+    model = build_clip(sd)
+    images = torch.randn(2, 3, 224, 224)
+    assert _rel(model.encode_image(images), _ref_resnet(sd, images, 32, (3, 4, 6, 3))) < 1e-5
+
+
+@torch.no_grad()
+def test_small_resnet_with_odd_stage_counts_matches_reference():
+    torch.manual_seed(3)
+    cfg = CLIPConfig(48, 64, (1, 2, 1, 2), 16, None, 8, 77, 49408, 64, 4, 2)
+    sd = _randomise_batchnorm(CLIP(cfg).state_dict(), torch.Generator().manual_seed(4))
+    model = build_clip(sd, {"vision_heads": 8})
+    images = torch.randn(3, 3, 64, 64)
+    assert _rel(model.encode_image(images), _ref_resnet(sd, images, 8, (1, 2, 1, 2))) < 1e-5
+
+
+@torch.no_grad()
+def test_forward_logits_are_scaled_cosines():
+    torch.manual_seed(5)
+    cfg = CLIPConfig(32, 32, 2, 64, 8, 2, 77, 49408, 64, 2, 2)
+    model = build_clip(CLIP(cfg).state_dict(), {"vision_heads": 2, "text_heads": 2})
+    images, tokens = torch.randn(2, 3, 32, 32), _tokens(3)
+    per_image, per_text = model(images, tokens)
+    f, t = model.encode_image(images), model.encode_text(tokens)
+    cos = torch.tensor([[float(a @ b / a.norm() / b.norm()) for b in t] for a in f])
+    assert torch.allclose(per_image, cos / 0.07, rtol=1e-5, atol=1e-5)   # logit_scale init = log(1/0.07)
+    assert torch.equal(per_text, per_image.t())
+
+
+def test_bf16_keeps_layernorm_fp32_and_stays_close():
+    torch.manual_seed(6)
+    cfg = CLIPConfig(32, 32, 2, 64, 8, 2, 77, 49408, 64, 2, 2)
+    ref = build_clip(CLIP(cfg).state_dict(), {"vision_heads": 2, "text_heads": 2})
+    low = convert_dtype(build_clip(ref.state_dict(), cfg), torch.bfloat16)
+    assert low.ln_final.weight.dtype == torch.float32 and low.dtype == torch.bfloat16
+    tokens = _tokens(4)
+    with torch.no_grad():
+        a, b = ref.encode_text(tokens), low.encode_text(tokens).float()
+    assert F.cosine_similarity(a, b).min() > 0.99
+
+
+def test_bad_state_dicts_give_clear_errors():
+    cfg = CLIPConfig(32, 32, 2, 64, 8, 2, 77, 49408, 64, 2, 2)
+    sd = CLIP(cfg).state_dict()
+    with pytest.raises(ValueError, match="missing 'text_projection'"):
+        build_clip({k: v for k, v in sd.items() if k != "text_projection"})
+    with pytest.raises(ValueError, match="unexpected keys"):
+        build_clip({**sd, "visual.extra.weight": torch.zeros(1)})
+    with pytest.raises(ValueError, match="image"):
+        build_clip(sd, cfg).encode_image(torch.zeros(1, 3, 33, 32))
+    assert math.isclose(float(build_clip(sd, cfg).logit_scale.exp()), 1 / 0.07, rel_tol=1e-6)
