@@ -71,12 +71,25 @@ class Attention(nn.Module):
         self.out_proj = nn.Linear(width, width)
         nn.init.xavier_uniform_(self.in_proj_weight)
 
-    def forward(self, x, causal=False):
+    def forward(self, x, causal=False, prefix_kv=None, group=None):
+        """x (B, L, W) -> (output (B, L, W), (k, v) each (B, h, L, hs)).
+
+        prefix_kv: keys/values (G, h, P, hs) of a causal prefix that every row continues; row b uses
+        prefix group[b] (or prefix 0 for all when group is None). The rows then attend causally to
+        [prefix, own tokens], exactly as if the prefix had been prepended to each of them.
+        """
         B, L, W = x.shape
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)            # (B, L, 3W)
         q, k, v = qkv.view(B, L, 3, self.heads, W // self.heads).permute(2, 0, 3, 1, 4)  # (B, h, L, hs)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
-        return self.out_proj(y.transpose(1, 2).reshape(B, L, W))
+        if prefix_kv is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        else:
+            pk, pv = prefix_kv
+            pk, pv = (pk[group], pv[group]) if group is not None else (pk.expand(B, -1, -1, -1), pv.expand(B, -1, -1, -1))
+            P = pk.shape[2]
+            mask = torch.ones(L, P + L, dtype=torch.bool, device=x.device).tril(diagonal=P)  # j sees <= P + j
+            y = F.scaled_dot_product_attention(q, torch.cat([pk, k], 2), torch.cat([pv, v], 2), attn_mask=mask)
+        return self.out_proj(y.transpose(1, 2).reshape(B, L, W)), (k, v)
 
 
 class ResidualAttentionBlock(nn.Module):
@@ -91,9 +104,10 @@ class ResidualAttentionBlock(nn.Module):
         ]))
         self.ln_2 = LayerNorm(width)
 
-    def forward(self, x, causal=False):
-        x = x + self.attn(self.ln_1(x), causal=causal)
-        return x + self.mlp(self.ln_2(x))
+    def forward(self, x, causal=False, prefix_kv=None, group=None):
+        a, kv = self.attn(self.ln_1(x), causal, prefix_kv, group)
+        x = x + a
+        return x + self.mlp(self.ln_2(x)), kv
 
 
 class Transformer(nn.Module):
@@ -102,10 +116,13 @@ class Transformer(nn.Module):
         self.width, self.layers = width, layers
         self.resblocks = nn.ModuleList([ResidualAttentionBlock(width, heads, quick_gelu) for _ in range(layers)])
 
-    def forward(self, x, causal=False):  # (B, L, W) -> (B, L, W)
-        for block in self.resblocks:
-            x = block(x, causal=causal)
-        return x
+    def forward(self, x, causal=False, prefix_kvs=None, group=None, return_kvs=False):
+        """(B, L, W) -> (B, L, W); with return_kvs also each layer's (k, v) for use as a prefix."""
+        kvs = []
+        for i, block in enumerate(self.resblocks):
+            x, kv = block(x, causal, None if prefix_kvs is None else prefix_kvs[i], group)
+            kvs.append(kv)
+        return (x, kvs) if return_kvs else x
 
 
 # ----------------------------------------------------------------------------------------------
@@ -288,6 +305,24 @@ class CLIP(nn.Module):
         x = x.to(self.dtype) + self.positional_embedding[:L].to(self.dtype)
         x = self.transformer(x, causal=True)
         x = x[torch.arange(x.shape[0], device=x.device), eot]               # (N, W): only EOT rows
+        return self.ln_final(x) @ self.text_projection.to(x.dtype)
+
+    def encode_text_prefixed(self, prefix, suffix, eot, group=None):
+        """Text features of sequences that share prefixes: [prefix[group[n]], suffix[n]] -> (N, D).
+
+        prefix (G, P, W) and suffix (N, S, W) are token embeddings; eot (N,) are EOT positions in the
+        full sequence (>= P); group (N,) picks each row's prefix (None: G == 1). Each prefix goes
+        through the transformer once and every suffix attends to its cached keys/values, so the
+        prefix costs G passes instead of N. Exact: the causal prefix never sees the suffix.
+        """
+        P = prefix.shape[1]
+        if int(eot.min()) < P:
+            raise ValueError(f"an EOT position ({int(eot.min())}) lies inside the shared prefix of length {P}")
+        S = int(eot.max()) + 1 - P                                           # EOT truncation
+        pos = self.positional_embedding.to(self.dtype)
+        _, kvs = self.transformer(prefix.to(self.dtype) + pos[:P], causal=True, return_kvs=True)
+        x = self.transformer(suffix[:, :S].to(self.dtype) + pos[P:P + S], prefix_kvs=kvs, group=group)
+        x = x[torch.arange(x.shape[0], device=x.device), eot - P]            # (N, W)
         return self.ln_final(x) @ self.text_projection.to(x.dtype)
 
     def forward(self, images, tokens):
