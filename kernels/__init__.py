@@ -1,1 +1,4 @@
-"""Triton kernels with PyTorch reference twins (installed as coop_min.kernels)."""
+"""Triton kernels with PyTorch reference twins (installed as coop_min.kernels).
+
+cosine_ce: fused L2-normalise + cosine logits + softmax cross-entropy, forward and backward.
+"""

@@ -1,0 +1,183 @@
+"""The fused cosine cross-entropy kernels against CoOp/CoCoOp's own head, written out here.
+
+The kernel tests run the Triton kernels on CPU under TRITON_INTERPRET=1. Triton reads that variable
+when triton.language is first imported, so a plain `pytest` run starts this file once more in a
+subprocess with the variable set (test_kernels_under_triton_interpreter) and skips those tests in
+the parent; `TRITON_INTERPRET=1 pytest tests/test_cosine_ce.py` runs them directly. The reference
+follows the official code: features divided by their norm, logit_scale * f @ t.t() (CoOp) or one
+such product per image (CoCoOp), F.cross_entropy; computed in fp64 from the same inputs.
+"""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import coop_min.kernels.cosine_ce as cc
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+interpreted = pytest.mark.skipif(not INTERPRETED, reason="runs in the TRITON_INTERPRET subprocess")
+
+
+@pytest.mark.skipif(INTERPRETED, reason="this is the subprocess")
+def test_kernels_under_triton_interpreter():
+    pytest.importorskip("triton")
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not cuda",
+           __file__]
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    run = subprocess.run(cmd, env=env, cwd=Path(__file__).parents[1], capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
+    assert " passed" in run.stdout and " failed" not in run.stdout
+
+
+def _official_logits(f, t, scale):
+    """CoOp CustomCLIP.forward (t (C, D)) / CoCoOp's per-image loop (t (B, C, D)), in fp64."""
+    f, t, scale = f.double(), t.double(), scale.double()
+    f = f / f.norm(dim=-1, keepdim=True)
+    t = t / t.norm(dim=-1, keepdim=True)
+    if t.dim() == 2:
+        return scale * f @ t.t()
+    return torch.stack([scale * f_i @ t_i.t() for f_i, t_i in zip(f, t)])
+
+
+def _inputs(B, C, D, per_image, dtype, device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    f = torch.randn(B, D, generator=g).to(device, dtype).requires_grad_()
+    t = torch.randn(*((B,) if per_image else ()), C, D, generator=g)
+    t = t.to(device, dtype).requires_grad_()
+    scale = torch.tensor(10.0, device=device, requires_grad=True)  # CLIP's 100 saturates tiny cases
+    labels = torch.randint(0, C, (B,), generator=g).to(device)
+    if B > 2:
+        labels[1] = -100  # one ignored row
+    return f, t, scale, labels
+
+
+def _assert_close(actual, expected, tol):
+    """Max error relative to the largest reference entry (gradients have entries near zero)."""
+    actual, expected = actual.double(), expected.double()
+    err = (actual - expected).abs().max().item()
+    assert err <= tol * max(expected.abs().max().item(), 1e-6), f"max error {err:.3g}"
+
+
+def _check_against_official(B, C, D, per_image, dtype, tol, device="cpu"):
+    f, t, scale, labels = _inputs(B, C, D, per_image, dtype, device)
+    loss = cc.cosine_ce(f, t, scale, labels)
+    grads = torch.autograd.grad(loss, (f, t, scale))
+    ref = F.cross_entropy(_official_logits(f, t, scale), labels)
+    ref_grads = torch.autograd.grad(ref, (f, t, scale))
+    assert loss.dtype == torch.float32 and loss.shape == ()
+    _assert_close(loss, ref, tol)
+    for x, got, want in zip((f, t, scale), grads, ref_grads):
+        assert got.dtype == x.dtype
+        _assert_close(got, want, tol)
+    with torch.no_grad():
+        _assert_close(cc.cosine_logits(f, t, scale), _official_logits(f, t, scale), tol)
+
+
+@interpreted
+def test_interpreter_really_runs_the_kernels():
+    assert cc.use_triton(torch.zeros(1))
+    assert type(cc._forward_kernel).__name__ == "InterpretedFunction"
+
+
+@pytest.mark.skipif(INTERPRETED, reason="tests the plain CPU dispatch")
+def test_cpu_without_interpreter_uses_the_twin():
+    assert not cc.use_triton(torch.zeros(1))
+
+
+@interpreted
+@pytest.mark.parametrize("B,C,D", [(1, 1, 64), (3, 7, 5), (33, 130, 65), (3, 130, 64), (1, 7, 65)])
+def test_shared_text_fp32_matches_official(B, C, D):
+    _check_against_official(B, C, D, False, torch.float32, 1e-5)
+
+
+@interpreted
+@pytest.mark.parametrize("B,C,D", [(1, 1, 64), (3, 7, 5), (33, 7, 65), (3, 130, 5)])
+def test_per_image_text_fp32_matches_official(B, C, D):
+    _check_against_official(B, C, D, True, torch.float32, 1e-5)
+
+
+@interpreted
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("per_image", [False, True])
+def test_half_inputs_match_official(dtype, per_image):
+    _check_against_official(3, 130 if not per_image else 7, 65, per_image, dtype, 1e-2)
+
+
+def test_twin_matches_official():
+    for per_image in (False, True):
+        f, t, scale, labels = _inputs(3, 7, 5, per_image, torch.float32)
+        twin = cc.cosine_ce_reference(f, t, scale, labels)
+        _assert_close(twin, F.cross_entropy(_official_logits(f, t, scale), labels), 1e-6)
+
+
+@interpreted
+def test_strided_inputs():
+    g = torch.Generator().manual_seed(1)
+    f = torch.randn(65, 3, generator=g).t().requires_grad_()  # (3, 65), column-major
+    t = torch.randn(65, 7, generator=g).t().requires_grad_()  # (7, 65)
+    scale, labels = torch.tensor(3.0), torch.tensor([0, 6, 2])
+    loss = cc.cosine_ce(f, t, scale, labels)
+    ref = F.cross_entropy(_official_logits(f, t, scale), labels)
+    _assert_close(loss, ref, 1e-5)
+    for got, want in zip(torch.autograd.grad(loss, (f, t)), torch.autograd.grad(ref, (f, t))):
+        _assert_close(got, want, 1e-5)
+
+
+@interpreted
+@pytest.mark.parametrize("per_image", [False, True])
+def test_only_text_features_trainable(per_image):
+    """CoOp: frozen image features and scale; only dt is computed."""
+    f, t, scale, labels = _inputs(3, 7, 5, per_image, torch.float32)
+    f, scale = f.detach(), scale.detach()
+    (dt,) = torch.autograd.grad(cc.cosine_ce(f, t, scale, labels), (t,))
+    (ref,) = torch.autograd.grad(F.cross_entropy(_official_logits(f, t, scale), labels), (t,))
+    _assert_close(dt, ref, 1e-5)
+
+
+@interpreted
+@pytest.mark.filterwarnings("ignore:.*encountered in divide:RuntimeWarning")  # the intended 0/0
+@pytest.mark.parametrize("per_image", [False, True])
+def test_all_ignored_gives_nan_loss_and_zero_grads_like_pytorch(per_image):
+    f, t, scale, labels = _inputs(3, 7, 5, per_image, torch.float32)
+    labels = torch.full_like(labels, -1)
+    loss = cc.cosine_ce(f, t, scale, labels, ignore_index=-1)
+    twin = F.cross_entropy(_official_logits(f, t, scale), labels, ignore_index=-1)
+    assert torch.isnan(loss) and torch.isnan(twin)
+    for got, want in zip(torch.autograd.grad(loss, (f, t, scale)),
+                         torch.autograd.grad(twin, (f, t, scale))):
+        assert torch.equal(got, torch.zeros_like(got)) and torch.equal(want, torch.zeros_like(want))
+
+
+@interpreted
+@pytest.mark.parametrize("per_image", [False, True])
+def test_gradcheck_fp64(per_image):
+    f, t, scale, labels = _inputs(2, 3, 4, per_image, torch.float64)
+    scale = scale.detach().double().requires_grad_()
+    labels = torch.tensor([2, 0])
+    assert torch.autograd.gradcheck(lambda *x: cc.cosine_ce(*x, labels), (f, t, scale))
+
+
+@interpreted
+def test_bad_inputs_raise():
+    f, t, scale, labels = _inputs(3, 7, 5, False, torch.float32)
+    with pytest.raises(ValueError, match="labels must be in"):
+        cc.cosine_ce(f, t, scale, torch.tensor([0, 7, 1]))
+    with pytest.raises(TypeError, match="one dtype"):
+        cc.cosine_ce(f, t.detach().half(), scale, labels)
+    with pytest.raises(ValueError, match="per-image"):
+        cc.cosine_ce(f, t.detach().expand(4, 7, 5), scale, labels)
+    with pytest.raises(RuntimeError, match="no_grad"):
+        cc.cosine_logits(f, t, scale)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(INTERPRETED or not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize("per_image", [False, True])
+def test_cuda_clip_sizes_match_official(dtype, tol, per_image):
+    _check_against_official(32, 1000, 512, per_image, dtype, tol, device="cuda")
