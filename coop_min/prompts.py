@@ -12,7 +12,10 @@ context vector, so every (image, class) pair has its own prompt.
 - reference: the official compute, all 77 positions through the text encoder, CoCoOp one image at a
   time in a Python loop, and the head as normalise / matmul / F.cross_entropy;
 - fast (default): sequences cut after the last EOT (the encoder is causal and only EOT is read),
-  every (image, class) prompt of a CoCoOp step in one batch (in chunks), the fused cosine_ce head.
+  every (image, class) prompt of a CoCoOp step in one batch (in chunks), the fused cosine_ce head,
+  and a shared prefix: with one context and the class name at the end, [SOS, ctx] is the same for
+  every class (CoCoOp: for every class of one image), so it goes through the text encoder once and
+  the class suffixes attend to its cached keys/values (`CLIP.encode_text_prefixed`).
 
 Where we differ from the official code, on purpose:
 - A ctx_init phrase sets M to its number of BPE tokens (the official code counts words and assumes
@@ -206,12 +209,14 @@ class CoCoOpPromptLearner(_PromptLearner):
 class PromptedCLIP(nn.Module):
     """A frozen CLIP and a prompt learner: image features, text features, logits and the loss."""
 
-    def __init__(self, clip, learner, reference: bool = False, max_prompts_per_chunk: int = 4096):
+    def __init__(self, clip, learner, reference: bool = False, max_prompts_per_chunk: int = 4096,
+                 shared_prefix: bool = True):
         super().__init__()
         self.clip = clip.requires_grad_(False).eval()
         self.learner = learner
         self.reference = reference               # True: the official compute path (slow)
         self.max_prompts_per_chunk = max_prompts_per_chunk
+        self.shared_prefix = shared_prefix       # fast path: [SOS, ctx] encoded once (UC-end CoOp, CoCoOp)
 
     @property
     def is_conditional(self):                    # CoCoOp: text features depend on the image
@@ -239,12 +244,27 @@ class PromptedCLIP(nn.Module):
         index = torch.arange(n, device=self.learner.eot.device)
         return torch.cat([self._encode_prompts(*build(i)) for i in index.split(self.max_prompts_per_chunk)])
 
+    def _prefix_shared(self):
+        lrn = self.learner
+        return (self.shared_prefix and not self.reference and lrn.ctx.dim() == 2
+                and getattr(lrn, "class_token_position", "end") == "end")
+
+    def _encode_prefixed(self, prefix, suffix_of, n):
+        """Features of n prompts that continue `prefix` (G, P, W): suffix_of(indices) gives their
+        suffixes, EOT positions and prefix groups; the prefix goes through the encoder once per chunk."""
+        index = torch.arange(n, device=self.learner.eot.device)
+        return torch.cat([self.clip.encode_text_prefixed(prefix, *suffix_of(i))
+                          for i in index.split(self.max_prompts_per_chunk)])
+
     def text_features(self, image_features=None):
         """Unnormalised text features: CoOp (C, D); CoCoOp (B, C, D) for image features (B, D)."""
         lrn = self.learner
         if not self.is_conditional:
             if image_features is not None:
                 raise ValueError("CoOp text features do not depend on images; call text_features()")
+            if self._prefix_shared():                                       # one prefix for all classes
+                prefix = torch.cat([lrn.token_prefix[:1], lrn.ctx[None].to(lrn.token_prefix.dtype)], 1)
+                return self._encode_prefixed(prefix, lambda i: (lrn.token_suffix[i], lrn.eot[i], None), lrn.n_cls)
             prompts = lrn()                                                 # (C, L, W)
             if self.reference:
                 return self._encode_prompts(prompts, lrn.eot)
@@ -256,6 +276,11 @@ class PromptedCLIP(nn.Module):
         if self.reference:                                                  # official: one image at a time
             return torch.stack([self._encode_prompts(p, lrn.eot) for p in lrn(f)])
         ctx, C = lrn.shifted_ctx(f), lrn.n_cls                              # (B, M, W)
+        if self._prefix_shared():                                           # one prefix per image
+            prefix = torch.cat([lrn.token_prefix[:1].expand(len(f), -1, -1), ctx.to(lrn.token_prefix.dtype)], 1)
+            feats = self._encode_prefixed(prefix, lambda i: (lrn.token_suffix[i % C], lrn.eot[i % C], i // C),
+                                          len(f) * C)
+            return feats.view(len(f), C, -1)
         feats = self._encode_chunked(lambda i: (lrn.pair_prompts(ctx, i // C, i % C), lrn.eot[i % C]),
                                      len(f) * C)                            # (B * C, D)
         return feats.view(len(f), C, -1)
@@ -296,11 +321,13 @@ class PromptedCLIP(nn.Module):
 
 
 def build_prompted_clip(clip, classnames, config: PromptConfig | None = None, seed: int = 0,
-                        reference: bool = False, max_prompts_per_chunk: int = 4096) -> PromptedCLIP:
+                        reference: bool = False, max_prompts_per_chunk: int = 4096,
+                        shared_prefix: bool = True) -> PromptedCLIP:
     """A new learner for `classnames` (CoOp or CoCoOp by config.method) on a frozen CLIP."""
     config = config or PromptConfig()
     learner_cls = CoCoOpPromptLearner if config.method == "cocoop" else CoOpPromptLearner
-    return PromptedCLIP(clip, learner_cls(clip, classnames, config, seed), reference, max_prompts_per_chunk)
+    return PromptedCLIP(clip, learner_cls(clip, classnames, config, seed), reference, max_prompts_per_chunk,
+                        shared_prefix)
 
 
 # ----------------------------------------------------------------------------------------------
