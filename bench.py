@@ -1,0 +1,655 @@
+"""Throughput and memory of CoOp / CoCoOp: an official-equivalent path and ours, side by side.
+
+    python bench.py [--device cuda|cpu] [--cases PREFIX,...] [--json PATH] [--smoke]
+
+One process, one device, the same random-init CLIP weights, inputs, class names and initial context
+for both paths:
+- official: OpenAI's clip/model.py as vendored by KaiyangZhou/CoOp (sequence-first
+  nn.MultiheadAttention blocks with a 77x77 additive -inf causal mask, LayerNorm computed in fp32),
+  fp16 weights as OpenAI's convert_weights leaves them, trainers/coop.py and cocoop.py: full 77-token
+  prompts for every class, the fp16 context trained by plain SGD, CoCoOp's per-image Python loop,
+  the head as normalise / logit_scale.exp() * f @ t.T / F.cross_entropy, and no torch.no_grad
+  around the frozen image encoder (its parameters do not require grad).
+- ours: coop_min.prompts.PromptedCLIP's fast path on a bf16 CLIP with fp32 LayerNorm, fp32 context
+  and Meta-Net, the image encoder under no_grad, EOT truncation, shared [SOS, ctx] prefixes, batched
+  CoCoOp and the fused cosine_ce head (kernels/cosine_ce.py).
+On CPU both paths compute in fp32.
+
+Cases: CoOp train steps (batch 32, M=16) at 10/100/1000 classes for ViT-B/16 and RN50, CoCoOp train
+steps (M=4) at 50/500 classes and batch 1/8, zero-shot evaluation (batch 256, 1000 classes), and
+the classification head alone (fused kernel vs its eager twin vs torch.compile of the twin, with
+achieved GB/s against a measured device-to-device copy). Before timing, each case checks that both
+paths compute the same loss on the same inputs (relative 2e-2: fp16 against bf16). Each method is
+timed after a warm-up as the median of N steps, each bracketed by CUDA events and a synchronize
+(the official trainer syncs every step too: loss.item()). Peak memory is that path alone: its CLIP
+weights plus the most it allocated during the case (torch.cuda.max_memory_allocated, reset per
+method). A case that runs out of memory reports OOM. The process exits 1 if a check failed.
+"""
+import argparse
+import gc
+import json
+import random
+import statistics
+import sys
+import time
+import traceback
+from collections import OrderedDict
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from coop_min.clip import CLIP, CLIPConfig, ModifiedResNet, convert_dtype
+from coop_min.kernels.cosine_ce import (cosine_ce, cosine_ce_reference, cosine_logits,
+                                        use_triton)
+from coop_min.prompts import CoCoOpPromptLearner, CoOpPromptLearner, PromptConfig, PromptedCLIP
+from coop_min.tokenizer import tokenize
+
+TOLERANCE = 2e-2   # relative loss difference allowed between the official fp16 and our bf16 path
+LR, MOMENTUM, WEIGHT_DECAY = 0.002, 0.9, 5e-4  # Dassl SGD as configured by CoOp/CoCoOp
+
+# ----------------------------------------------------------------------------------------------
+# the official-equivalent path: OpenAI clip/model.py (as vendored by CoOp), cut to what CoOp runs
+
+
+class _LayerNorm(nn.LayerNorm):
+    """OpenAI's LayerNorm: computed in fp32 and cast back (its weights stay fp32 in fp16 models)."""
+
+    def forward(self, x):
+        return super().forward(x.float()).type(x.dtype)
+
+
+class _QuickGELU(nn.Module):
+    def forward(self, x):
+        return x * torch.sigmoid(1.702 * x)
+
+
+class _ResidualAttentionBlock(nn.Module):
+    def __init__(self, width, heads, attn_mask=None):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(width, heads)      # sequence-first (L, N, W)
+        self.ln_1 = _LayerNorm(width)
+        self.mlp = nn.Sequential(OrderedDict([("c_fc", nn.Linear(width, width * 4)), ("gelu", _QuickGELU()),
+                                              ("c_proj", nn.Linear(width * 4, width))]))
+        self.ln_2 = _LayerNorm(width)
+        self.attn_mask = attn_mask                            # a plain attribute, as in OpenAI's code
+
+    def forward(self, x):
+        if self.attn_mask is not None:                        # moved once, then cached (as OpenAI)
+            self.attn_mask = self.attn_mask.to(dtype=x.dtype, device=x.device)
+        y = self.ln_1(x)
+        x = x + self.attn(y, y, y, need_weights=False, attn_mask=self.attn_mask)[0]
+        return x + self.mlp(self.ln_2(x))
+
+
+class _Transformer(nn.Module):
+    def __init__(self, width, layers, heads, attn_mask=None):
+        super().__init__()
+        self.resblocks = nn.Sequential(*[_ResidualAttentionBlock(width, heads, attn_mask) for _ in range(layers)])
+
+    def forward(self, x):
+        return self.resblocks(x)
+
+
+class _VisionTransformer(nn.Module):
+    def __init__(self, resolution, patch, width, layers, heads, output_dim):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, width, patch, stride=patch, bias=False)
+        self.class_embedding = nn.Parameter(torch.empty(width))
+        self.positional_embedding = nn.Parameter(torch.empty((resolution // patch) ** 2 + 1, width))
+        self.ln_pre = _LayerNorm(width)
+        self.transformer = _Transformer(width, layers, heads)
+        self.ln_post = _LayerNorm(width)
+        self.proj = nn.Parameter(torch.empty(width, output_dim))
+
+    def forward(self, x):  # (N, 3, H, W) -> (N, D)
+        x = self.conv1(x).flatten(2).permute(0, 2, 1)                     # (N, grid**2, width)
+        cls = self.class_embedding.to(x.dtype) + torch.zeros(x.shape[0], 1, x.shape[-1], dtype=x.dtype,
+                                                             device=x.device)
+        x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)
+        x = self.transformer(self.ln_pre(x).permute(1, 0, 2)).permute(1, 0, 2)   # NLD -> LND -> NLD
+        return self.ln_post(x[:, 0, :]) @ self.proj
+
+
+class _AttentionPool2d(nn.Module):
+    """CoOp's vendored version: multi_head_attention_forward over all HW+1 queries, keeps query 0."""
+
+    def __init__(self, spacial_dim, embed_dim, heads, output_dim):
+        super().__init__()
+        self.positional_embedding = nn.Parameter(torch.empty(spacial_dim ** 2 + 1, embed_dim))
+        self.k_proj, self.q_proj = nn.Linear(embed_dim, embed_dim), nn.Linear(embed_dim, embed_dim)
+        self.v_proj, self.c_proj = nn.Linear(embed_dim, embed_dim), nn.Linear(embed_dim, output_dim)
+        self.num_heads = heads
+
+    def forward(self, x):  # (N, C, H, W) -> (N, D)
+        x = x.flatten(2).permute(2, 0, 1)                                   # (HW, N, C)
+        x = torch.cat([x.mean(dim=0, keepdim=True), x], dim=0) + self.positional_embedding[:, None].to(x.dtype)
+        x, _ = F.multi_head_attention_forward(
+            x, x, x, x.shape[-1], self.num_heads, None,
+            torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias]), None, None, False, 0.0,
+            self.c_proj.weight, self.c_proj.bias, training=self.training, need_weights=False,
+            use_separate_proj_weight=True, q_proj_weight=self.q_proj.weight, k_proj_weight=self.k_proj.weight,
+            v_proj_weight=self.v_proj.weight)
+        return x[0]
+
+
+class OfficialCLIP(nn.Module):
+    """OpenAI's CLIP module tree (same state-dict keys as coop_min.clip.CLIP). The ResNet trunk is
+    coop_min's ModifiedResNet: plain convolutions, BatchNorm and pooling, the same ops as OpenAI's;
+    only its attention pooling is swapped for the official one."""
+
+    def __init__(self, c: CLIPConfig):
+        super().__init__()
+        if c.is_vit:
+            self.visual = _VisionTransformer(c.image_resolution, c.vision_patch_size, c.vision_width,
+                                             c.vision_layers, c.vision_heads, c.embed_dim)
+        else:
+            self.visual = ModifiedResNet(c.vision_layers, c.embed_dim, c.vision_heads, c.image_resolution,
+                                         c.vision_width)
+            self.visual.attnpool = _AttentionPool2d(c.image_resolution // 32, c.vision_width * 32,
+                                                    c.vision_heads, c.embed_dim)
+        L = c.context_length
+        mask = torch.full((L, L), float("-inf"), device="cpu").triu_(1)   # additive causal mask
+        self.transformer = _Transformer(c.text_width, c.text_layers, c.text_heads, mask)
+        self.token_embedding = nn.Embedding(c.vocab_size, c.text_width)
+        self.positional_embedding = nn.Parameter(torch.empty(L, c.text_width))
+        self.ln_final = _LayerNorm(c.text_width)
+        self.text_projection = nn.Parameter(torch.empty(c.text_width, c.embed_dim))
+        self.logit_scale = nn.Parameter(torch.empty(()))
+
+    @property
+    def dtype(self):
+        return self.visual.conv1.weight.dtype
+
+
+def _convert_weights(model):
+    """OpenAI's convert_weights: conv, linear and attention weights and the two projections to fp16;
+    embeddings, LayerNorm, BatchNorm and logit_scale stay fp32."""
+    for m in model.modules():
+        names = []
+        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear)):
+            names = ["weight", "bias"]
+        elif isinstance(m, nn.MultiheadAttention):
+            names = ["in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight", "in_proj_bias",
+                     "bias_k", "bias_v"]
+        for name in names + ["text_projection", "proj"]:
+            p = getattr(m, name, None)
+            if isinstance(p, torch.Tensor):
+                p.data = p.data.half()
+
+
+def build_official_clip(state_dict, config: CLIPConfig, dtype, device) -> OfficialCLIP:
+    """The official CLIP from a state dict in OpenAI's layout: fp32, or fp16 as OpenAI converts it."""
+    with torch.device("meta"):                                # no random init: every tensor is loaded
+        model = OfficialCLIP(config)
+    model.load_state_dict({k: v.to(device, torch.float32, copy=True) for k, v in state_dict.items()}, assign=True)
+    if dtype == torch.float16:
+        _convert_weights(model)
+    elif dtype != torch.float32:
+        raise ValueError(f"the official path runs fp16 or fp32, got {dtype}")
+    return model.eval().requires_grad_(False)
+
+
+def official_encode_text(clip: OfficialCLIP, prompts, tokenized_prompts):
+    """CoOp's TextEncoder.forward: prompt embeddings (N, 77, W), token ids (N, 77) -> (N, D)."""
+    x = prompts + clip.positional_embedding.type(clip.dtype)
+    x = clip.transformer(x.permute(1, 0, 2)).permute(1, 0, 2)            # NLD -> LND -> NLD
+    x = clip.ln_final(x).type(clip.dtype)
+    return x[torch.arange(x.shape[0]), tokenized_prompts.argmax(dim=-1)] @ clip.text_projection
+
+
+class _OfficialPromptLearner(nn.Module):
+    """trainers/coop.py PromptLearner (unified context, class token at the end), plus CoCoOp's
+    Meta-Net; the context is a Parameter in the CLIP dtype (fp16: no master weights)."""
+
+    def __init__(self, clip: OfficialCLIP, classnames, ctx, meta_net=None):
+        super().__init__()
+        n_ctx, dtype, device = ctx.shape[0], clip.dtype, clip.positional_embedding.device
+        prompts = [" ".join(["X"] * n_ctx) + " " + name.replace("_", " ") + "." for name in classnames]
+        self.tokenized_prompts = tokenize(prompts).to(device)              # (C, 77)
+        with torch.no_grad():
+            embedding = clip.token_embedding(self.tokenized_prompts).type(dtype)
+        self.register_buffer("token_prefix", embedding[:, :1, :])          # SOS
+        self.register_buffer("token_suffix", embedding[:, 1 + n_ctx:, :])  # name, ".", EOT, padding
+        self.ctx = nn.Parameter(ctx.detach().to(device, dtype, copy=True))
+        self.meta_net = None if meta_net is None else meta_net.to(device, dtype)
+
+    def forward(self, ctx=None):  # -> (C, 77, W)
+        ctx = self.ctx if ctx is None else ctx
+        ctx = ctx.unsqueeze(0).expand(len(self.token_prefix), -1, -1)
+        return torch.cat([self.token_prefix, ctx, self.token_suffix], dim=1)
+
+
+def _official_coop_loss(clip, learner, images, labels):  # CustomCLIP.forward + F.cross_entropy
+    image_features = clip.visual(images.type(clip.dtype))
+    text_features = official_encode_text(clip, learner(), learner.tokenized_prompts)
+    image_features = image_features / image_features.norm(dim=-1, keepdim=True)
+    text_features = text_features / text_features.norm(dim=-1, keepdim=True)
+    logits = clip.logit_scale.exp() * image_features @ text_features.t()
+    return F.cross_entropy(logits, labels)
+
+
+def _official_cocoop_loss(clip, learner, images, labels):  # cocoop.py CustomCLIP.forward
+    image_features = clip.visual(images.type(clip.dtype))
+    image_features = image_features / image_features.norm(dim=-1, keepdim=True)
+    ctx_shifted = learner.ctx.unsqueeze(0) + learner.meta_net(image_features).unsqueeze(1)  # (B, M, W)
+    prompts = torch.stack([learner(ctx_i) for ctx_i in ctx_shifted])     # (B, C, 77, W)
+    logits = []
+    for pts_i, imf_i in zip(prompts, image_features):                    # one image at a time
+        text_features = official_encode_text(clip, pts_i, learner.tokenized_prompts)
+        text_features = text_features / text_features.norm(dim=-1, keepdim=True)
+        logits.append(clip.logit_scale.exp() * imf_i @ text_features.t())
+    return F.cross_entropy(torch.stack(logits), labels)
+
+
+def _meta_net(vis_dim, ctx_dim):
+    return nn.Sequential(OrderedDict([("linear1", nn.Linear(vis_dim, vis_dim // 16)), ("relu", nn.ReLU(inplace=True)),
+                                      ("linear2", nn.Linear(vis_dim // 16, ctx_dim))]))
+
+
+# ----------------------------------------------------------------------------------------------
+# cases
+
+_VIT_B16 = CLIPConfig(512, 224, 12, 768, 16, 12, 77, 49408, 512, 8, 12)
+_RN50 = CLIPConfig(1024, 224, (3, 4, 6, 3), 64, None, 32, 77, 49408, 512, 8, 12)
+_VIT_TINY = CLIPConfig(32, 32, 2, 64, 16, 2, 77, 49408, 64, 2, 2)
+_RN_TINY = CLIPConfig(32, 64, (1, 1, 1, 1), 8, None, 2, 77, 49408, 64, 2, 2)
+ARCHS = {"vit_b16": _VIT_B16, "rn50": _RN50, "vit_tiny": _VIT_TINY, "rn_tiny": _RN_TINY}
+_WORDS = ("cat dog bird fish horse car truck plane ship red blue green black white small large old young wild "
+          "house tree flower rose tulip lake river mountain beach forest desert road bridge tower castle church "
+          "train bus boat bike apple orange banana lemon bread cake pizza coffee tea chair table lamp clock phone "
+          "book").split()  # one BPE token each
+
+
+@dataclass
+class Case:
+    name: str
+    kind: str               # coop | cocoop | zeroshot | head
+    arch: str = ""          # a key of ARCHS (not for head)
+    classes: int = 0
+    batch: int = 0
+    n_ctx: int = 0
+    dim: int = 0            # head: feature width D
+    per_image: bool = False  # head: CoCoOp's (B, C, D) text features
+    repeats: int = 10
+
+
+def all_cases(smoke=False):
+    vit, rn = ("vit_tiny", "rn_tiny") if smoke else ("vit_b16", "rn50")
+    coop_classes, cocoop_classes, cocoop_batches = ((3, 5, 8), (4, 6), (1, 2)) if smoke else \
+        ((10, 100, 1000), (50, 500), (1, 8))
+    reps = (lambda n: 2) if smoke else (lambda n: n)
+    cases = [Case(f"head-{'cocoop' if p else 'coop'}-b{B}-c{C}-d{D}", "head", classes=C, batch=B, dim=D,
+                  per_image=p, repeats=reps(50))
+             for B, C, D, p in ([(4, 10, 32, False), (2, 6, 32, True), (4, 12, 32, True)] if smoke else
+                                [(32, 1000, 512, False), (8, 500, 512, True), (32, 1000, 512, True)])]
+    for arch in (vit, rn):
+        cases += [Case(f"coop-{arch}-c{C}", "coop", arch, C, 4 if smoke else 32, 16, repeats=reps(5 if C >= 1000 else 10))
+                  for C in coop_classes]
+        if arch == vit:
+            cases += [Case(f"cocoop-{arch}-c{C}-b{B}", "cocoop", arch, C, B, 4, repeats=reps(3 if B * C >= 4000 else 5))
+                      for C in cocoop_classes for B in cocoop_batches]
+        cases.append(Case(f"zeroshot-{arch}", "zeroshot", arch, 10 if smoke else 1000, 4 if smoke else 256,
+                          repeats=reps(10)))
+    return cases
+
+
+def _classnames(n, seed=0):
+    """n real-looking class names of 1-6 tokens each."""
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(_WORDS) for _ in range(rng.randint(1, 6))) for _ in range(n)]
+
+
+# ----------------------------------------------------------------------------------------------
+# measuring
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time_ms(step, device, warmup, repeats):
+    """Median milliseconds of `step` over `repeats` calls after `warmup` calls."""
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            step()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def _free(device):
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _nbytes(module):
+    return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
+
+
+def _run(make_step, device, warmup, repeats, weight_bytes=0, to_loss=None):
+    """Build one method's state with make_step() -> step, check its first output, time it.
+
+    Returns {"ms", "peak_gib", "loss"}, or {"error": "OOM"}. The first call is also the first
+    warm-up step; its output (a loss, or logits turned into one by to_loss) is the check value.
+    """
+    _free(device)
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+    try:
+        step = make_step()
+        out = step()
+        loss = float(to_loss(out) if to_loss else out)
+        del out
+        ms = _time_ms(step, device, max(warmup - 1, 0), repeats)
+    except torch.cuda.OutOfMemoryError:
+        return {"error": "OOM"}
+    except Exception as e:  # one broken method must not lose the other cases of a long run
+        traceback.print_exc()
+        return {"error": f"{type(e).__name__}: {e}"}
+    peak = (torch.cuda.max_memory_allocated(device) - base + weight_bytes) / 2 ** 30 if cuda else None
+    return {"ms": ms, "peak_gib": peak, "loss": loss}
+
+
+def _sgd_step(loss_fn, params):
+    """One training step as the official trainer does it: forward, zero_grad, backward, SGD step."""
+    optimizer = torch.optim.SGD(params, lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+
+    def step():
+        loss = loss_fn()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        return loss.detach()
+    return step
+
+
+class _Models:
+    """One architecture's frozen CLIP in both forms, built once from one random-init state dict."""
+
+    def __init__(self, arch, device, args):
+        self.arch, self.config = arch, ARCHS[arch]
+        torch.manual_seed(0)
+        clip = CLIP(self.config).eval().requires_grad_(False)            # fp32, CPU, OpenAI's init
+        self.official = build_official_clip(clip.state_dict(), self.config, args.official_dtype, device)
+        self.ours = convert_dtype(clip.to(device), args.ours_dtype) if args.ours_dtype != torch.float32 \
+            else clip.to(device)
+        self.official_bytes, self.ours_bytes = _nbytes(self.official), _nbytes(self.ours)
+
+
+def _train_case(case, models, device, args):
+    """CoOp or CoCoOp: one SGD step per call, from the same context (and Meta-Net) for both paths."""
+    g = torch.Generator().manual_seed(1)
+    torch.manual_seed(1)                                      # the Meta-Net's default init
+    c = models.config
+    images = torch.randn(case.batch, 3, c.image_resolution, c.image_resolution, generator=g).to(device)
+    labels = torch.randint(0, case.classes, (case.batch,), generator=g).to(device)
+    names = _classnames(case.classes)
+    ctx = (torch.randn(case.n_ctx, c.text_width, generator=g) * 0.02).to(device)   # N(0, 0.02), fp32
+    cocoop = case.kind == "cocoop"
+    meta_state = _meta_net(c.embed_dim, c.text_width).state_dict() if cocoop else None
+
+    def official():
+        meta = None
+        if cocoop:
+            meta = _meta_net(c.embed_dim, c.text_width)
+            meta.load_state_dict(meta_state)
+        learner = _OfficialPromptLearner(models.official, names, ctx, meta)
+        loss = _official_cocoop_loss if cocoop else _official_coop_loss
+        return _sgd_step(lambda: loss(models.official, learner, images, labels), list(learner.parameters()))
+
+    def ours():
+        config = PromptConfig(method=case.kind, n_ctx=case.n_ctx, ctx_init="")
+        learner = (CoCoOpPromptLearner if cocoop else CoOpPromptLearner)(models.ours, names, config)
+        with torch.no_grad():
+            learner.ctx.copy_(ctx)
+        if cocoop:
+            learner.meta_net.load_state_dict(meta_state)
+        model = PromptedCLIP(models.ours, learner, shared_prefix=not args.no_shared_prefix).train()
+        return _sgd_step(lambda: model.loss(images, labels), model.trainable_parameters())
+
+    return {"official": _run(official, device, args.warmup, case.repeats, models.official_bytes),
+            "ours": _run(ours, device, args.warmup, case.repeats, models.ours_bytes)}
+
+
+def _zeroshot_case(case, models, device, args):
+    """Evaluation: frozen image encoder at batch B and a classifier of precomputed text features."""
+    g = torch.Generator().manual_seed(2)
+    r = models.config.image_resolution
+    images = torch.randn(case.batch, 3, r, r, generator=g).to(device)
+    labels = torch.randint(0, case.classes, (case.batch,), generator=g).to(device)
+    tokens = tokenize([f"a photo of a {n}." for n in _classnames(case.classes)]).to(device)
+    to_loss = lambda logits: F.cross_entropy(logits.float(), labels)  # noqa: E731
+
+    def official():  # ZeroshotCLIP: fp16 CLIP, normalised text features computed once
+        clip = models.official
+        with torch.no_grad():
+            t = official_encode_text(clip, clip.token_embedding(tokens).type(clip.dtype), tokens)
+            t = t / t.norm(dim=-1, keepdim=True)
+
+        @torch.no_grad()
+        def step():
+            f = clip.visual(images.type(clip.dtype))
+            f = f / f.norm(dim=-1, keepdim=True)
+            return clip.logit_scale.exp() * f @ t.t()
+        return step
+
+    def ours():
+        clip = models.ours
+        with torch.no_grad():
+            t, scale = clip.encode_text(tokens), clip.logit_scale.float().exp()
+
+        @torch.inference_mode()
+        def step():
+            return cosine_logits(clip.encode_image(images), t, scale)
+        return step
+
+    return {"official": _run(official, device, args.warmup, case.repeats, models.official_bytes, to_loss),
+            "ours": _run(ours, device, args.warmup, case.repeats, models.ours_bytes, to_loss)}
+
+
+def _head_case(case, device, args):
+    """The head alone, forward and backward: fused kernel, its eager twin, torch.compile of the twin."""
+    g = torch.Generator().manual_seed(3)
+    B, C, D = case.batch, case.classes, case.dim
+    f = torch.randn(B, D, generator=g).to(device, args.ours_dtype).requires_grad_()
+    t = torch.randn(*((B,) if case.per_image else ()), C, D, generator=g).to(device, args.ours_dtype)
+    t.requires_grad_()
+    scale, labels = torch.tensor(100.0, device=device), torch.randint(0, C, (B,), generator=g).to(device)
+    methods = {"fused": cosine_ce, "eager": cosine_ce_reference}
+    if not args.no_compile:
+        methods["compile"] = torch.compile(cosine_ce_reference, dynamic=False)
+
+    def make(fn):
+        def step():
+            loss = fn(f, t, scale, labels)
+            torch.autograd.grad(loss, (f, t))
+            return loss.detach()
+        return lambda: step
+
+    out = {name: _run(make(fn), device, args.warmup, case.repeats) for name, fn in methods.items()}
+    moved = 2 * (f.numel() + t.numel()) * f.element_size()   # f, t read once; df, dt written once
+    for r in out.values():
+        if "ms" in r:
+            r["gbps"] = moved / (r["ms"] * 1e-3) / 1e9
+            r["bandwidth_fraction"] = r["gbps"] / args.copy_gbps
+    return out
+
+
+def _copy_gbps(device):
+    """The device's memory bandwidth ceiling: a large device-to-device copy (read + write)."""
+    n = (256 if device.type == "cuda" else 16) * 2 ** 20
+    x = torch.empty(n, dtype=torch.uint8, device=device)
+    y = torch.empty_like(x)
+    return 2 * n / (_time_ms(lambda: y.copy_(x), device, 3, 20) * 1e-3) / 1e9
+
+
+# ----------------------------------------------------------------------------------------------
+# reporting
+
+
+def _summarise(case, methods):
+    """The case's JSON record: its sizes, each method's numbers, ratios and the same-function check."""
+    res = {"case": case.name, **{k: v for k, v in asdict(case).items() if k != "name"}, "methods": methods}
+    ms = {name: r.get("ms") for name, r in methods.items()}
+    if case.kind == "head":
+        base, new = methods["eager"], methods["fused"]
+        res["speedup_vs_eager"] = _ratio(ms["eager"], ms["fused"])
+        res["speedup_vs_compile"] = _ratio(ms.get("compile"), ms["fused"])
+    else:
+        base, new = methods["official"], methods["ours"]
+        res["speedup"] = _ratio(ms["official"], ms["ours"])
+        res["memory_ratio"] = _ratio(base.get("peak_gib"), new.get("peak_gib"))
+        for r in methods.values():
+            if "ms" in r:
+                r["images_per_s"] = case.batch / (r["ms"] * 1e-3)
+    if "loss" in base and "loss" in new:
+        res["loss_rel_diff"] = abs(new["loss"] - base["loss"]) / max(abs(base["loss"]), 1e-12)
+        res["match"] = res["loss_rel_diff"] <= TOLERANCE
+    return res
+
+
+def _ratio(num, den):
+    return num / den if num is not None and den else None
+
+
+def _fmt(x, spec=".1f", suffix=""):
+    return "-" if x is None else format(x, spec) + suffix
+
+
+def _row(r):
+    """One table row; a method that failed shows OOM or error in its columns."""
+    def get(method, key, spec, suffix=""):
+        m = r["methods"].get(method, {})
+        return _fmt(m.get(key), spec, suffix) if "error" not in m else "OOM" if m["error"] == "OOM" else "error"
+    diff = _fmt(r.get("loss_rel_diff"), ".1e") + ("" if r.get("match", True) else " FAIL")
+    if r["kind"] == "head":
+        return (r["case"], get("fused", "ms", ".3f"), get("eager", "ms", ".3f"), get("compile", "ms", ".3f"),
+                _fmt(r["speedup_vs_eager"], ".2f", "x"), _fmt(r["speedup_vs_compile"], ".2f", "x"),
+                get("fused", "gbps", ".0f"), get("fused", "bandwidth_fraction", ".0%"), diff)
+    return (r["case"], get("official", "ms", ".1f"), get("ours", "ms", ".1f"), _fmt(r["speedup"], ".2f", "x"),
+            get("official", "images_per_s", ".0f"), get("ours", "images_per_s", ".0f"),
+            get("official", "peak_gib", ".2f"), get("ours", "peak_gib", ".2f"), _fmt(r["memory_ratio"], ".1f", "x"),
+            diff)
+
+
+_HEADERS = {"train": ("case", "official ms", "ours ms", "speedup", "off img/s", "ours img/s", "off GiB",
+                      "ours GiB", "mem ratio", "loss diff"),
+            "head": ("head case", "fused ms", "eager ms", "compile ms", "vs eager", "vs compile", "fused GB/s",
+                     "of copy bw", "loss diff")}
+
+
+def _table(results):
+    tables = []
+    for kind, header in _HEADERS.items():
+        rows = [header] + [_row(r) for r in results if (r["kind"] == "head") == (kind == "head")]
+        if len(rows) > 1:
+            widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+            tables.append("\n".join("  ".join(v.ljust(w) if i == 0 else v.rjust(w)
+                                              for i, (v, w) in enumerate(zip(row, widths))) for row in rows))
+    return "\n\n".join(tables)
+
+
+def _environment(device, args):
+    import platform
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    probe = torch.empty(1, device=device)
+    return {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+            "torch": torch.__version__, "triton": triton_version, "python": platform.python_version(),
+            "official_dtype": str(args.official_dtype), "ours_dtype": str(args.ours_dtype),
+            "fused_head": "triton" if use_triton(probe) else "pytorch twin", "shared_prefix": not args.no_shared_prefix,
+            "copy_gbps": args.copy_gbps, "smoke": args.smoke, "warmup": args.warmup}
+
+
+# ----------------------------------------------------------------------------------------------
+# main
+
+
+def _parse(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cuda", "cpu"))
+    p.add_argument("--cases", default="", help="comma-separated name prefixes, e.g. coop-vit,head (default: all)")
+    p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    p.add_argument("--smoke", action="store_true", help="tiny models and classes, 2 timed steps (CI on CPU)")
+    p.add_argument("--warmup", type=int, default=None, help="warm-up steps per method (default 3, smoke 1)")
+    p.add_argument("--no-compile", action="store_true", help="skip torch.compile of the head twin (smoke skips it)")
+    p.add_argument("--no-shared-prefix", action="store_true", help="ours without the shared-prefix text path")
+    p.add_argument("--list", action="store_true", help="print the selected case names and exit")
+    args = p.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.exit(2, "bench.py: error: --device cuda but torch sees no CUDA GPU; use --device cpu\n")
+    prefixes = [s for s in args.cases.split(",") if s]
+    args.selected = [c for c in all_cases(args.smoke) if not prefixes or any(c.name.startswith(s) for s in prefixes)]
+    if not args.selected:
+        p.exit(2, f"bench.py: error: --cases {args.cases!r} matches no case; see --list\n")
+    if args.warmup is None:
+        args.warmup = 1 if args.smoke else 3
+    args.no_compile = args.no_compile or args.smoke   # inductor's first compile takes longer than CI allows
+    gpu = args.device == "cuda"
+    args.official_dtype = torch.float16 if gpu else torch.float32   # CPU: both paths in fp32
+    args.ours_dtype = torch.bfloat16 if gpu else torch.float32
+    return args
+
+
+def main(argv=None):
+    args = _parse(argv)
+    if args.list:
+        print("\n".join(c.name for c in args.selected))
+        return 0
+    device = torch.device(args.device)
+    torch.backends.cudnn.benchmark = True   # as Dassl sets it
+    t_start = time.perf_counter()
+    args.copy_gbps = _copy_gbps(device)
+    env = _environment(device, args)
+    print(f"bench: {env['device']}, torch {env['torch']}, triton {env['triton']}, official {args.official_dtype}, "
+          f"ours {args.ours_dtype}, fused head: {env['fused_head']}, copy {args.copy_gbps:.0f} GB/s, "
+          f"{len(args.selected)} cases", flush=True)
+    results, models = [], None
+    for i, case in enumerate(args.selected, 1):
+        t0 = time.perf_counter()
+        if case.kind == "head":
+            methods = _head_case(case, device, args)
+        else:
+            if models is None or models.arch != case.arch:
+                models = None                                # free the previous architecture first
+                _free(device)
+                models = _Models(case.arch, device, args)
+            methods = (_zeroshot_case if case.kind == "zeroshot" else _train_case)(case, models, device, args)
+        results.append(_summarise(case, methods))
+        header = _HEADERS["head" if case.kind == "head" else "train"]
+        cells = ", ".join(f"{h} {v}" for h, v in zip(header[1:], _row(results[-1])[1:]))
+        print(f"[{i}/{len(args.selected)}] {case.name} ({time.perf_counter() - t0:.0f} s): {cells}", flush=True)
+    models = None
+    print(f"\ntotal {time.perf_counter() - t_start:.0f} s\n\n{_table(results)}", flush=True)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"environment": env, "cases": results}, fh, indent=1)
+    failed = [r["case"] for r in results if not r.get("match", True) or any(
+        m.get("error", "OOM") != "OOM" for m in r["methods"].values())]
+    if failed:
+        print(f"bench: the paths disagree or a method failed in: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

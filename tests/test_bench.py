@@ -1,0 +1,98 @@
+"""bench.py: the CPU smoke run covers every case with finite numbers, and its official-equivalent
+path is a faithful twin of OpenAI's CLIP (checked against coop_min.clip, itself tested against an
+independent re-implementation of OpenAI's model.py in test_clip.py)."""
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from coop_min.clip import CLIP, CLIPConfig
+from coop_min.tokenizer import tokenize
+
+ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("bench", ROOT / "bench.py")
+bench = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench)
+
+TINY = {"vit": CLIPConfig(32, 32, 2, 64, 16, 2, 77, 49408, 64, 4, 2),
+        "rn": CLIPConfig(32, 64, (1, 2, 1, 1), 8, None, 2, 77, 49408, 64, 4, 2)}
+
+
+def _finite(x):
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def test_smoke_run_reports_every_case_with_finite_numbers(tmp_path):
+    out = tmp_path / "bench.json"
+    run = subprocess.run([sys.executable, "bench.py", "--device", "cpu", "--smoke", "--json", str(out)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    table = run.stdout.split("\ntotal ")[-1]  # printed last, after the progress lines
+    assert "official ms" in table and "head case" in table
+    report = json.loads(out.read_text())
+    cases = report["cases"]
+    kinds = [c["kind"] for c in cases]
+    assert {k: kinds.count(k) for k in set(kinds)} == {"head": 3, "coop": 6, "cocoop": 4, "zeroshot": 2}
+    assert _finite(report["environment"]["copy_gbps"])
+    for c in cases:
+        expected = {"fused", "eager"} if c["kind"] == "head" else {"official", "ours"}
+        assert set(c["methods"]) == expected, c["case"]
+        for name, m in c["methods"].items():
+            assert _finite(m["ms"]) and m["ms"] > 0 and _finite(m["loss"]), (c["case"], name, m)
+            if c["kind"] != "head":
+                assert _finite(m["images_per_s"]), (c["case"], name)
+        ratio = c["speedup_vs_eager"] if c["kind"] == "head" else c["speedup"]
+        assert _finite(ratio) and ratio > 0, c["case"]
+        assert c["match"] and c["loss_rel_diff"] <= 1e-5, (c["case"], c["loss_rel_diff"])  # fp32 on CPU
+
+
+def _tiny(kind, seed=0):
+    torch.manual_seed(seed)
+    ours = CLIP(TINY[kind]).eval().requires_grad_(False)
+    for p in ours.parameters():  # OpenAI's init leaves biases and LayerNorm at 0/1: test them too
+        p.add_(0.02 * torch.randn_like(p))
+    return ours, bench.build_official_clip(ours.state_dict(), TINY[kind], torch.float32, "cpu")
+
+
+def _assert_close(actual, expected, tol=1e-5):
+    err = (actual - expected).abs().max().item()
+    assert err <= tol * expected.abs().max().item(), f"max error {err:.3g}"
+
+
+def test_official_text_encoder_matches_clip_on_full_sequences():
+    ours, official = _tiny("vit")
+    tokens = tokenize(["X X X X red car.", "X X X X a very old stone bridge.", "X X X X x."])
+    x = ours.token_embedding(tokens) + 0.1 * torch.randn(3, 77, 64)  # as if ctx replaced positions 1..4
+    want = ours.encode_text_embeddings(x, tokens.argmax(-1), truncate=False)
+    _assert_close(bench.official_encode_text(official, x, tokens), want)
+
+
+@pytest.mark.parametrize("kind", ["vit", "rn"])
+def test_official_image_encoder_matches_clip(kind):
+    ours, official = _tiny(kind, seed=1)
+    r = TINY[kind].image_resolution
+    images = torch.randn(3, 3, r, r)
+    _assert_close(official.visual(images), ours.encode_image(images))
+
+
+def test_official_fp16_conversion_follows_openai_convert_weights():
+    _, official = _tiny("rn")
+    bench._convert_weights(official)
+    half = {n for n, p in official.named_parameters() if p.dtype == torch.float16}
+    for n, p in official.named_parameters():  # OpenAI: only conv/linear/attention weights and projections
+        m = official.get_submodule(n.rsplit(".", 1)[0]) if "." in n else official
+        expected = isinstance(m, (nn.Conv2d, nn.Linear, nn.MultiheadAttention)) or n == "text_projection"
+        assert (n in half) == expected, n
+    for n in ("token_embedding.weight", "positional_embedding", "ln_final.weight", "logit_scale",
+              "visual.bn1.weight", "visual.attnpool.positional_embedding"):
+        assert n not in half
+    for n in ("visual.conv1.weight", "visual.attnpool.q_proj.bias", "transformer.resblocks.0.attn.in_proj_weight",
+              "transformer.resblocks.0.attn.out_proj.weight", "text_projection"):
+        assert n in half
