@@ -1,0 +1,410 @@
+"""`python -m coop_min.train`: learn CoOp / CoCoOp prompts the way the papers do.
+
+A training loop is a loop: resolve the config (unset flags take the paper default for the method,
+shot count and dataset), load the frozen CLIP and the few-shot data, then epochs of SGD over the
+context (and Meta-Net) with Dassl's schedule -- one constant warm-up epoch at 1e-5, then a cosine
+stepped once per epoch. The last epoch's prompts are evaluated on the test split.
+
+Everything a run writes goes to one folder (DESIGN.md "Run outputs"); files are replaced atomically,
+so a kill never leaves a half-written checkpoint. `--resume` restarts from `state.pt` and continues
+bit for bit: the batch order and each image's augmentation are functions of (seed, epoch, index),
+and the RNG, optimizer, schedule position and metrics file are restored with it.
+"""
+import argparse
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+from coop_min import data as D
+from coop_min import evaluate as E
+from coop_min.clip import convert_dtype, load_clip
+from coop_min.prompts import PromptConfig, build_prompted_clip, export_classifier, load_prompt, save_prompt
+from coop_min.templates import templates_for
+from coop_min.transforms import image_transform, train_transform
+
+DEMO_WEIGHTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "weights", "tiny_clip.safetensors")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class TrainConfig:
+    data: str | None = None                 # None: the bundled demo benchmark and tiny CLIP
+    dataset: str = "auto"
+    weights: str | None = None
+    method: str = "coop"                     # coop | cocoop
+    shots: int = 16
+    n_ctx: int | None = None                 # paper: 16 (CoOp), 4 (CoCoOp)
+    ctx_init: str | None = None              # paper: random (CoOp), "a photo of a" (CoCoOp)
+    csc: bool = False
+    class_token_position: str = "end"
+    subsample: str = "all"                   # all | base | new
+    epochs: int | None = None                # paper: by method, shots and dataset
+    batch_size: int | None = None            # paper: 32 (CoOp), 1 (CoCoOp)
+    lr: float = 0.002
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    warmup_epochs: int = 1
+    warmup_lr: float = 1e-5
+    seed: int = 1
+    precision: str | None = None             # default: bf16 on CUDA, fp32 on CPU
+    device: str | None = None
+    output: str | None = None
+    resume: bool = False
+    workers: int = 2
+    eval_batch_size: int = 100
+    skip_bad_images: bool = False
+    reference_path: bool = False             # the official compute path (slow), for comparison
+    save_every: int = 0                      # also checkpoint every N steps inside an epoch (0: epoch ends)
+    print_every: int = 10
+
+
+# ----------------------------------------------------------------------------------------------
+# the paper's schedule
+
+
+def paper_epochs(method, shots, dataset_name):
+    """CoOp: 50 epochs for 1 shot, 100 for 2/4, 200 for 8/16; ImageNet 50 always. CoCoOp: 10."""
+    if method == "cocoop":
+        return 10
+    if dataset_name == "ImageNet":
+        return 50
+    return 50 if shots <= 1 else 100 if shots <= 4 else 200
+
+
+def learning_rate(epoch, cfg):
+    """Dassl's constant warm-up then cosine, stepped once per epoch (shifted by the warm-up, never 0)."""
+    if epoch < cfg.warmup_epochs:
+        return cfg.warmup_lr
+    return 0.5 * cfg.lr * (1 + math.cos(math.pi * (epoch - cfg.warmup_epochs) / cfg.epochs))
+
+
+def resolve(cfg: TrainConfig, dataset_name: str) -> TrainConfig:
+    """Fill every unset field with the paper default for this method, shot count and dataset."""
+    cocoop = cfg.method == "cocoop"
+    if cfg.ctx_init is None:
+        cfg.ctx_init = "a photo of a" if cocoop else ""
+    if cfg.n_ctx is None:
+        cfg.n_ctx = 4 if cocoop else 16
+    if cfg.epochs is None:
+        cfg.epochs = paper_epochs(cfg.method, cfg.shots, dataset_name)
+    if cfg.batch_size is None:
+        cfg.batch_size = 1 if cocoop else 32
+    if cfg.device is None:
+        cfg.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if cfg.precision is None:
+        cfg.precision = "bf16" if cfg.device.startswith("cuda") else "fp32"
+    if cfg.output is None:
+        tag = f"{cfg.method}_{cfg.shots}shots_nctx{cfg.n_ctx}{'_csc' if cfg.csc else ''}_{cfg.class_token_position}"
+        cfg.output = os.path.join("runs", dataset_name, cfg.subsample, tag, f"seed{cfg.seed}")
+    return cfg
+
+
+# ----------------------------------------------------------------------------------------------
+# run folder: atomic files, log, metrics
+
+
+def _atomic(path, write):
+    tmp = f"{path}.tmp{os.getpid()}"
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def _write_json(path, obj):
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2)
+            f.write("\n")
+    _atomic(path, write)
+
+
+class RunLog:
+    """Progress to stdout and log.txt; one JSON line per step/epoch to metrics.jsonl."""
+
+    def __init__(self, folder, metrics_bytes=None):
+        self.log = open(os.path.join(folder, "log.txt"), "a")
+        path = os.path.join(folder, "metrics.jsonl")
+        if metrics_bytes is not None and os.path.exists(path):   # resume: drop lines after the checkpoint
+            with open(path, "r+") as f:
+                f.truncate(metrics_bytes)
+        self.metrics = open(path, "a")
+
+    def print(self, line):
+        print(line, flush=True)
+        self.log.write(line + "\n")
+        self.log.flush()
+
+    def record(self, **values):
+        self.metrics.write(json.dumps(values) + "\n")
+        self.metrics.flush()
+
+    def metrics_bytes(self):
+        return self.metrics.tell()
+
+
+def sha256_file(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------
+# checkpoints: state.pt holds everything needed to continue; checkpoint.safetensors the learned weights
+
+
+def _save_state(folder, model, opt, epoch, batch, log):
+    state = {"params": {k: v.detach().cpu() for k, v in model.learner.state_dict().items()},
+             "optimizer": opt.state_dict(), "epoch": epoch, "batch": batch,
+             "metrics_bytes": log.metrics_bytes(), "torch_rng": torch.get_rng_state()}
+    _atomic(os.path.join(folder, "state.pt"), lambda tmp: torch.save(state, tmp))
+    from safetensors.torch import save_file
+    tensors = {k: v.detach().float().cpu().contiguous() for k, v in model.learner.named_parameters()}
+    _atomic(os.path.join(folder, "checkpoint.safetensors"),
+            lambda tmp: save_file(tensors, tmp, metadata={"epoch": str(epoch), "batch": str(batch)}))
+
+
+def _load_state(folder, model, opt):
+    path = os.path.join(folder, "state.pt")
+    if not os.path.exists(path):
+        raise SystemExit(f"error: --resume but {path} does not exist; start without --resume")
+    state = torch.load(path, weights_only=True)
+    model.learner.load_state_dict(state["params"])
+    opt.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["torch_rng"])
+    return state
+
+
+# ----------------------------------------------------------------------------------------------
+# the run
+
+
+def _clip_and_sha(cfg):
+    path = cfg.weights or DEMO_WEIGHTS
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: CLIP weights not found: {path}; convert a checkpoint with weights/convert.py")
+    clip = load_clip(path, device=cfg.device)
+    if cfg.precision != "fp32":
+        convert_dtype(clip, DTYPES[cfg.precision])
+    return clip, sha256_file(path)
+
+
+def _check_finite(loss, epoch, batch, folder):
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch + 1} batch {batch + 1}; stopped, the last "
+                                 f"good checkpoint is kept in {folder} (lower --lr or use --precision fp32)")
+
+
+def train_epochs(cfg, model, dataset, log, folder):
+    """The SGD loop over epochs, resuming where state.pt left off; returns the number of steps run."""
+    opt = torch.optim.SGD(model.trainable_parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                          weight_decay=cfg.weight_decay)
+    start_epoch, start_batch = 0, 0
+    if cfg.resume:
+        state = _load_state(folder, model, opt)
+        start_epoch, start_batch = state["epoch"], state["batch"]
+        log.print(f"resumed from epoch {start_epoch + 1} batch {start_batch + 1}")
+    steps = 0
+    for epoch in range(start_epoch, cfg.epochs):
+        lr = learning_rate(epoch, cfg)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        loader = D.make_loader(dataset, cfg.batch_size, seed=cfg.seed, epoch=epoch,
+                               start_batch=start_batch, num_workers=cfg.workers,
+                               pin_memory=cfg.device.startswith("cuda"))
+        n_batches, t0, seen = len(loader) + start_batch, time.time(), 0
+        model.train()
+        for batch, (images, labels) in enumerate(loader, start=start_batch):
+            images, labels = images.to(cfg.device, non_blocking=True), labels.to(cfg.device, non_blocking=True)
+            features = model.encode_images(images)
+            loss = model.loss(features, labels)
+            _check_finite(loss, epoch, batch, folder)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            steps, seen = steps + 1, seen + len(labels)
+            if (batch + 1) % cfg.print_every == 0 or batch + 1 == n_batches:
+                with torch.no_grad():
+                    acc = 100.0 * float((model.logits_from_features(features).argmax(-1) == labels).float().mean())
+                rate = seen / max(time.time() - t0, 1e-9)
+                left = ((cfg.epochs - epoch) * n_batches - batch - 1) * cfg.batch_size / rate
+                log.print(f"epoch {epoch + 1}/{cfg.epochs} batch {batch + 1}/{n_batches} loss {loss.item():.4f} "
+                          f"acc {acc:.1f}% lr {lr:.3e} {rate:.1f} img/s eta {left / 60:.1f} min")
+                log.record(epoch=epoch + 1, batch=batch + 1, loss=round(loss.item(), 6), acc=round(acc, 4), lr=lr)
+            if cfg.save_every and (batch + 1) % cfg.save_every == 0 and batch + 1 < n_batches:
+                _save_state(folder, model, opt, epoch, batch + 1, log)
+        start_batch = 0
+        _save_state(folder, model, opt, epoch + 1, 0, log)
+    return steps
+
+
+def _data_root(cfg):
+    if cfg.data is not None:
+        return cfg.data
+    from coop_min.demo import materialize_demo
+    return materialize_demo(os.path.join(os.path.expanduser("~"), ".cache", "coop_min"))
+
+
+def _few_shot_splits(cfg, splits, folder):
+    """The few-shot train/val sets, cached in the run folder (split.json) so the run can be repeated."""
+    cache = os.path.join(folder, "split.json")
+    if os.path.exists(cache):
+        return D.load_split(cache)
+    few = D.few_shot(splits, cfg.shots, cfg.seed)
+    D.save_split(cache, few)
+    return few
+
+
+def _start_folder(cfg, folder):
+    os.makedirs(folder, exist_ok=True)
+    config_path, state_path = os.path.join(folder, "config.json"), os.path.join(folder, "state.pt")
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "resume"}
+    if cfg.resume:
+        if not os.path.exists(state_path):
+            raise SystemExit(f"error: --resume but {state_path} does not exist; start without --resume")
+        with open(config_path) as f:
+            saved = {k: v for k, v in json.load(f).items() if k != "resume"}
+        changed = sorted(k for k in settings if saved.get(k) != settings[k] and k not in ("workers", "print_every"))
+        if changed:
+            raise SystemExit(f"error: --resume with different settings ({', '.join(changed)}); use the run's "
+                             f"settings or another --output")
+    elif os.path.exists(state_path) or os.path.exists(os.path.join(folder, "results.json")):
+        raise SystemExit(f"error: {folder} already holds a run; pass --resume to continue it or --output for a new one")
+    else:
+        for name in ("log.txt", "metrics.jsonl"):
+            if os.path.exists(os.path.join(folder, name)):
+                os.remove(os.path.join(folder, name))
+    _write_json(config_path, {**settings, "resume": cfg.resume})
+
+
+def _evaluate_classes(cfg, clip, model, splits, res):
+    """Test-split metrics of the learned prompts and of zero-shot CLIP on the same image features."""
+    dataset = D.ImageDataset(splits.test, image_transform(res), skip_bad=cfg.skip_bad_images)
+    loader = D.make_loader(dataset, cfg.eval_batch_size, shuffle=False, drop_last=False,
+                           num_workers=cfg.workers, pin_memory=cfg.device.startswith("cuda"))
+    feats, labels = E.extract_features(clip, loader, cfg.device)
+    learned = E.compute_metrics(E.predict_prompted(model, feats).cpu(), labels.cpu(), splits.classnames)
+    weights = E.zero_shot_weights(clip, splits.classnames, templates_for(splits.name), cfg.device)
+    zero_shot = E.compute_metrics(E.predict_zero_shot(feats, weights).cpu(), labels.cpu(), splits.classnames)
+    return learned, zero_shot
+
+
+def run(cfg: TrainConfig):
+    """Train, evaluate on the test split, write every run output; returns the results dict."""
+    root = _data_root(cfg)
+    splits = D.load_dataset(root, cfg.dataset)
+    cfg = resolve(cfg, splits.name)
+    folder = cfg.output
+    _start_folder(cfg, folder)
+    log = RunLog(folder, torch.load(os.path.join(folder, "state.pt"), weights_only=True)["metrics_bytes"]
+                 if cfg.resume else None)
+    torch.manual_seed(cfg.seed)
+    few = _few_shot_splits(cfg, splits, folder)
+    train_split = D.subsample_classes(few, cfg.subsample)
+    clip, clip_sha = _clip_and_sha(cfg)
+    prompt_cfg = PromptConfig(method=cfg.method, n_ctx=cfg.n_ctx, ctx_init=cfg.ctx_init, csc=cfg.csc,
+                              class_token_position=cfg.class_token_position)
+    model = build_prompted_clip(clip, train_split.classnames, prompt_cfg, seed=cfg.seed, reference=cfg.reference_path)
+    res = clip.visual.input_resolution
+    log.print(f"{cfg.method} on {splits.name} ({root}): {len(train_split.classnames)} classes ({cfg.subsample}), "
+              f"{cfg.shots} shots, {len(train_split.train)} training images, {cfg.epochs} epochs, batch "
+              f"{cfg.batch_size}, {cfg.precision} on {cfg.device}, {sum(p.numel() for p in model.trainable_parameters())} "
+              f"trainable parameters -> {folder}")
+    dataset = D.ImageDataset(train_split.train, train_transform(res), train=True, seed=cfg.seed,
+                             cache_decoded=len(train_split.train) <= 20000, skip_bad=cfg.skip_bad_images)
+    t0 = time.time()
+    train_epochs(cfg, model, dataset, log, folder)
+    log.print(f"finished training in {(time.time() - t0) / 60:.1f} min")
+
+    prompt_path = os.path.join(folder, "prompt.safetensors")
+    save_prompt(prompt_path, model, clip_sha)
+    if not model.is_conditional:
+        export_classifier(os.path.join(folder, "classifier.safetensors"), model, clip_sha)
+    model.eval()
+    learned, zero_shot = _evaluate_classes(cfg, clip, model, train_split, res)
+    results = {**learned, "dataset": splits.name, "method": cfg.method, "shots": cfg.shots, "seed": cfg.seed,
+               "subsample": cfg.subsample, "zero_shot": zero_shot}
+    rows = [(f"zero-shot CLIP ({cfg.subsample})", zero_shot), (f"{cfg.method} ({cfg.subsample})", learned)]
+    if cfg.subsample == "base" and not cfg.csc:
+        new_split = D.subsample_classes(few, "new")
+        new_model = load_prompt(prompt_path, clip, new_split.classnames, clip_sha)
+        new, new_zero_shot = _evaluate_classes(cfg, clip, new_model, new_split, res)
+        results.update(base=learned["accuracy"], new=new["accuracy"],
+                       harmonic_mean=E.harmonic_mean(learned["accuracy"], new["accuracy"]),
+                       new_metrics=new, zero_shot_new=new_zero_shot,
+                       zero_shot_harmonic_mean=E.harmonic_mean(zero_shot["accuracy"], new_zero_shot["accuracy"]))
+        rows += [("zero-shot CLIP (new)", new_zero_shot), (f"{cfg.method} (new)", new)]
+    _write_json(os.path.join(folder, "results.json"), results)
+    log.print(E.format_table(rows, f"test accuracy, {splits.name}, {cfg.shots} shots, seed {cfg.seed}"))
+    if "harmonic_mean" in results:
+        log.print(f"base {results['base']:.2f}  new {results['new']:.2f}  H {results['harmonic_mean']:.2f}"
+                  f"  (zero-shot H {results['zero_shot_harmonic_mean']:.2f})")
+    return results
+
+
+# ----------------------------------------------------------------------------------------------
+# command line
+
+
+def parse_args(argv=None) -> TrainConfig:
+    p = argparse.ArgumentParser(prog="python -m coop_min.train", description=(
+        "Learn CoOp/CoCoOp prompts for a frozen CLIP. Unset flags take the paper default for the method, shot "
+        "count and dataset. With no --data: the bundled demo benchmark and tiny CLIP."))
+    a = p.add_argument
+    a("--data", help="dataset folder (official CoOp layouts, split_zhou json, or class/image.jpg); default: demo")
+    a("--dataset", default="auto", help="dataset name, or auto to detect from the folder (default auto)")
+    a("--weights", help="CLIP safetensors from weights/convert.py (default: weights/tiny_clip.safetensors)")
+    a("--method", default="coop", choices=["coop", "cocoop"])
+    a("--shots", type=int, default=16, help="training images per class (default 16)")
+    a("--n-ctx", type=int, help="context length M (paper: 16 CoOp, 4 CoCoOp)")
+    a("--ctx-init", help='initial context phrase, "" for random N(0, 0.02) (paper: random CoOp, "a photo of a" CoCoOp)')
+    a("--csc", action="store_true", help="class-specific contexts (CoOp)")
+    a("--class-token-position", default="end", choices=["end", "middle", "front"])
+    a("--subsample", default="all", choices=["all", "base", "new"],
+      help="train on all classes or a half (base also reports new and the harmonic mean)")
+    a("--epochs", type=int, help="(paper: CoOp 50/100/200 for 1/2-4/8-16 shots, ImageNet 50; CoCoOp 10)")
+    a("--batch-size", type=int, help="(paper: 32 CoOp, 1 CoCoOp)")
+    a("--lr", type=float, default=0.002, help="peak SGD learning rate (default 0.002)")
+    a("--seed", type=int, default=1, help="few-shot sampling, context init, batch order and augmentation (default 1)")
+    a("--precision", choices=["fp32", "bf16", "fp16"], help="frozen CLIP compute dtype (default bf16 on CUDA, fp32 on CPU)")
+    a("--device", help="cpu, cuda, cuda:1 ... (default cuda if available)")
+    a("--output", help="run folder (default runs/<dataset>/<subsample>/<setting>/seed<seed>)")
+    a("--resume", action="store_true", help="continue the run in --output from its state.pt")
+    a("--workers", type=int, default=2, help="data loader worker processes (default 2)")
+    a("--skip-bad-images", action="store_true", help="skip and count unreadable images instead of failing")
+    a("--reference-path", action="store_true", help="use the official compute path (slow; for comparison)")
+    a("--save-every", type=int, default=0, help="also checkpoint every N steps inside an epoch")
+    a("--print-every", type=int, default=10, help="progress line every N steps (default 10)")
+    args = p.parse_args(argv)
+    values = {k.replace("-", "_"): v for k, v in vars(args).items()}
+    for name in ("shots", "epochs", "batch_size", "n_ctx"):
+        if values[name] is not None and values[name] < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {values[name]}")
+    if values["workers"] < 0:
+        p.error("--workers must be >= 0")
+    return TrainConfig(**values)
+
+
+def main(argv=None):
+    cfg = parse_args(argv)
+    try:
+        run(cfg)
+    except (ValueError, FileNotFoundError, FloatingPointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except SystemExit as e:
+        if isinstance(e.code, str):
+            print(e.code, file=sys.stderr)
+            sys.exit(2)
+        raise
+
+
+if __name__ == "__main__":
+    main()
