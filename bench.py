@@ -183,7 +183,7 @@ def build_official_clip(state_dict, config: CLIPConfig, dtype, device) -> Offici
     """The official CLIP from a state dict in OpenAI's layout: fp32, or fp16 as OpenAI converts it."""
     with torch.device("meta"):                                # no random init: every tensor is loaded
         model = OfficialCLIP(config)
-    model.load_state_dict({k: v.to(device, torch.float32, copy=True) for k, v in state_dict.items()}, assign=True)
+    model.load_state_dict({k: v.to(device, copy=True) for k, v in state_dict.items()}, assign=True)
     if dtype == torch.float16:
         _convert_weights(model)
     elif dtype != torch.float32:
@@ -207,9 +207,9 @@ class _OfficialPromptLearner(nn.Module):
         super().__init__()
         n_ctx, dtype, device = ctx.shape[0], clip.dtype, clip.positional_embedding.device
         prompts = [" ".join(["X"] * n_ctx) + " " + name.replace("_", " ") + "." for name in classnames]
-        self.tokenized_prompts = tokenize(prompts).to(device)              # (C, 77)
+        self.tokenized_prompts = tokenize(prompts)   # (C, 77); a plain attribute, so it stays on the CPU
         with torch.no_grad():
-            embedding = clip.token_embedding(self.tokenized_prompts).type(dtype)
+            embedding = clip.token_embedding(self.tokenized_prompts.to(device)).type(dtype)
         self.register_buffer("token_prefix", embedding[:, :1, :])          # SOS
         self.register_buffer("token_suffix", embedding[:, 1 + n_ctx:, :])  # name, ".", EOT, padding
         self.ctx = nn.Parameter(ctx.detach().to(device, dtype, copy=True))
@@ -276,14 +276,12 @@ class Case:
 
 
 def all_cases(smoke=False):
+    """Training and evaluation cases grouped by architecture (each is built once), then the head."""
     vit, rn = ("vit_tiny", "rn_tiny") if smoke else ("vit_b16", "rn50")
     coop_classes, cocoop_classes, cocoop_batches = ((3, 5, 8), (4, 6), (1, 2)) if smoke else \
         ((10, 100, 1000), (50, 500), (1, 8))
     reps = (lambda n: 2) if smoke else (lambda n: n)
-    cases = [Case(f"head-{'cocoop' if p else 'coop'}-b{B}-c{C}-d{D}", "head", classes=C, batch=B, dim=D,
-                  per_image=p, repeats=reps(50))
-             for B, C, D, p in ([(4, 10, 32, False), (2, 6, 32, True), (4, 12, 32, True)] if smoke else
-                                [(32, 1000, 512, False), (8, 500, 512, True), (32, 1000, 512, True)])]
+    cases = []
     for arch in (vit, rn):
         cases += [Case(f"coop-{arch}-c{C}", "coop", arch, C, 4 if smoke else 32, 16, repeats=reps(5 if C >= 1000 else 10))
                   for C in coop_classes]
@@ -292,6 +290,10 @@ def all_cases(smoke=False):
                       for C in cocoop_classes for B in cocoop_batches]
         cases.append(Case(f"zeroshot-{arch}", "zeroshot", arch, 10 if smoke else 1000, 4 if smoke else 256,
                           repeats=reps(10)))
+    heads = [(4, 10, 32, False), (2, 6, 32, True), (4, 12, 32, True)] if smoke else \
+        [(32, 1000, 512, False), (8, 500, 512, True), (32, 1000, 512, True)]   # the last: bandwidth-bound
+    cases += [Case(f"head-{'cocoop' if p else 'coop'}-b{B}-c{C}-d{D}", "head", classes=C, batch=B, dim=D,
+                   per_image=p, repeats=reps(50)) for B, C, D, p in heads]
     return cases
 
 
@@ -542,7 +544,7 @@ def _row(r):
     if r["kind"] == "head":
         return (r["case"], get("fused", "ms", ".3f"), get("eager", "ms", ".3f"), get("compile", "ms", ".3f"),
                 _fmt(r["speedup_vs_eager"], ".2f", "x"), _fmt(r["speedup_vs_compile"], ".2f", "x"),
-                get("fused", "gbps", ".0f"), get("fused", "bandwidth_fraction", ".0%"), diff)
+                get("fused", "gbps", ".1f"), get("fused", "bandwidth_fraction", ".0%"), diff)
     return (r["case"], get("official", "ms", ".1f"), get("ours", "ms", ".1f"), _fmt(r["speedup"], ".2f", "x"),
             get("official", "images_per_s", ".0f"), get("ours", "images_per_s", ".0f"),
             get("official", "peak_gib", ".2f"), get("ours", "peak_gib", ".2f"), _fmt(r["memory_ratio"], ".1f", "x"),
@@ -592,6 +594,7 @@ def _parse(argv):
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     p.add_argument("--smoke", action="store_true", help="tiny models and classes, 2 timed steps (CI on CPU)")
     p.add_argument("--warmup", type=int, default=None, help="warm-up steps per method (default 3, smoke 1)")
+    p.add_argument("--repeats", type=int, default=None, help="timed steps per method (default: per case, 3-50)")
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile of the head twin (smoke skips it)")
     p.add_argument("--no-shared-prefix", action="store_true", help="ours without the shared-prefix text path")
     p.add_argument("--list", action="store_true", help="print the selected case names and exit")
@@ -602,6 +605,11 @@ def _parse(argv):
     args.selected = [c for c in all_cases(args.smoke) if not prefixes or any(c.name.startswith(s) for s in prefixes)]
     if not args.selected:
         p.exit(2, f"bench.py: error: --cases {args.cases!r} matches no case; see --list\n")
+    if args.repeats is not None:
+        if args.repeats < 1:
+            p.exit(2, f"bench.py: error: --repeats {args.repeats} must be >= 1\n")
+        for case in args.selected:
+            case.repeats = args.repeats
     if args.warmup is None:
         args.warmup = 1 if args.smoke else 3
     args.no_compile = args.no_compile or args.smoke   # inductor's first compile takes longer than CI allows
@@ -626,6 +634,7 @@ def main(argv=None):
           f"{len(args.selected)} cases", flush=True)
     results, models = [], None
     for i, case in enumerate(args.selected, 1):
+        print(f"[{i}/{len(args.selected)}] {case.name}", flush=True)
         t0 = time.perf_counter()
         if case.kind == "head":
             methods = _head_case(case, device, args)
@@ -636,14 +645,14 @@ def main(argv=None):
                 models = _Models(case.arch, device, args)
             methods = (_zeroshot_case if case.kind == "zeroshot" else _train_case)(case, models, device, args)
         results.append(_summarise(case, methods))
+        if args.json:                                       # after every case: a killed run keeps its results
+            with open(args.json, "w") as fh:
+                json.dump({"environment": env, "cases": results}, fh, indent=1)
         header = _HEADERS["head" if case.kind == "head" else "train"]
-        cells = ", ".join(f"{h} {v}" for h, v in zip(header[1:], _row(results[-1])[1:]))
-        print(f"[{i}/{len(args.selected)}] {case.name} ({time.perf_counter() - t0:.0f} s): {cells}", flush=True)
+        cells = ", ".join(f"{h} {v}" for h, v in zip(header[1:], _row(results[-1])[1:]) if v != "-")
+        print(f"    {cells} ({time.perf_counter() - t0:.0f} s)", flush=True)
     models = None
     print(f"\ntotal {time.perf_counter() - t_start:.0f} s\n\n{_table(results)}", flush=True)
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump({"environment": env, "cases": results}, fh, indent=1)
     failed = [r["case"] for r in results if not r.get("match", True) or any(
         m.get("error", "OOM") != "OOM" for m in r["methods"].values())]
     if failed:
