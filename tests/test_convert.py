@@ -1,0 +1,335 @@
+"""weights/convert.py: every source format lands in OpenAI's key layout and loads with load_clip.
+
+Hugging Face CLIPModel directories are checked against transformers itself (features and logits
+of the same random weights, small shapes and ViT-B/16's real ones); OpenAI TorchScript archives
+and open_clip state dicts against the tensors they were made from, tensor for tensor.
+"""
+import hashlib
+import importlib.util
+import json
+import os
+import pickle
+import pickletools
+import subprocess
+import sys
+import zipfile
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from coop_min.clip import CLIP, CLIPConfig, load_clip
+
+ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("convert", ROOT / "weights" / "convert.py")
+convert = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(convert)
+
+SMALL_VIT = CLIPConfig(32, 32, 2, 64, 8, 1, 77, 49408, 64, 1, 2)
+SMALL_RN = CLIPConfig(32, 64, (1, 1, 1, 1), 8, None, 4, 77, 49408, 64, 1, 2)
+RN50 = CLIPConfig(1024, 224, (3, 4, 6, 3), 64, None, 32, 77, 49408, 512, 8, 12)
+
+
+def _tokens():
+    # real-looking ids: SOT, BPE ids, EOT (49407, the largest id, so argmax finds it), zero padding
+    rows = [[49406, 320, 1125, 539, 320, 2368, 269, 49407], [49406, 320, 22697, 49407]]
+    tokens = torch.zeros(len(rows), 77, dtype=torch.long)
+    for i, row in enumerate(rows):
+        tokens[i, : len(row)] = torch.tensor(row)
+    return tokens
+
+
+def _rel(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def _perturb(model, seed):
+    # random init leaves biases at 0 and LayerNorm at 1; noise everywhere makes every tensor count
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn(p.shape, generator=g))
+        for name, b in model.named_buffers():
+            if name.endswith("running_mean"):
+                b.copy_(0.1 * torch.randn(b.shape, generator=g))
+            elif name.endswith("running_var"):
+                b.copy_(0.5 + torch.rand(b.shape, generator=g))
+    return model
+
+
+def _small_clip(config, seed=0):
+    torch.manual_seed(seed)
+    return _perturb(CLIP(config), seed).eval()
+
+
+def _metadata(path):
+    with safe_open(str(path), framework="pt") as f:
+        return f.metadata()
+
+
+def _cli_error(capsys, src, dst):
+    """Runs the CLI in-process on bad input: exit status 2 and one line on stderr, returned."""
+    capsys.readouterr()                                   # drop what the test's setup printed
+    assert convert.main([str(src), str(dst)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("convert.py: error: "), err
+    return err
+
+
+# ----------------------------------------------------------------------------------------------
+# Hugging Face CLIPModel: parity with transformers
+
+
+def _hf_clip(tmp_path, seed, text, vision, projection_dim):
+    transformers = pytest.importorskip("transformers")
+    transformers.utils.logging.disable_progress_bar()
+    torch.manual_seed(seed)
+    config = transformers.CLIPConfig(text_config=text, vision_config=vision, projection_dim=projection_dim)
+    model = transformers.CLIPModel._from_config(config, attn_implementation="eager")
+    _perturb(model, seed).eval()
+    with torch.no_grad():
+        model.logit_scale.fill_(3.1)
+    model.save_pretrained(tmp_path / "hf")
+    return model, tmp_path / "hf"
+
+
+def _small_hf_config(act="quick_gelu"):
+    text = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                max_position_embeddings=77, vocab_size=49408, hidden_act=act)
+    vision = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                  patch_size=8, image_size=32, hidden_act=act)
+    return text, vision
+
+
+def _pooled(out):  # transformers >= 5 returns a model output whose pooler_output is the projection
+    return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+
+@torch.no_grad()
+def _hf_errors(hf, ours, n_images, resolution):
+    images, tokens = torch.randn(n_images, 3, resolution, resolution), _tokens()
+    ref_image = _pooled(hf.get_image_features(pixel_values=images))
+    ref_text = _pooled(hf.get_text_features(input_ids=tokens))
+    ref_logits = hf(input_ids=tokens, pixel_values=images).logits_per_image
+    return {"image": _rel(ours.encode_image(images), ref_image), "text": _rel(ours.encode_text(tokens), ref_text),
+            "logits": _rel(ours(images, tokens)[0], ref_logits)}
+
+
+def test_small_hf_clip_converts_by_cli_and_matches_transformers(tmp_path):
+    hf, directory = _hf_clip(tmp_path, 0, *_small_hf_config(), projection_dim=32)
+    dst = tmp_path / "clip.safetensors"
+    run = subprocess.run([sys.executable, str(ROOT / "weights" / "convert.py"), str(directory), str(dst)],
+                         capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr
+    meta = _metadata(dst)
+    config = json.loads(meta["config"])
+    assert meta["format"] == "huggingface" and config["vision_heads"] == 4 and config["text_heads"] == 4
+    assert config["quick_gelu"] is True
+    errors = _hf_errors(hf, load_clip(dst), 2, 32)
+    print("HF small quick_gelu (CLI)", errors)
+    assert max(errors.values()) <= 1e-5, errors
+
+
+def test_hf_gelu_config_converts_to_gelu_and_matches(tmp_path):
+    hf, directory = _hf_clip(tmp_path, 1, *_small_hf_config("gelu"), projection_dim=32)
+    meta = convert.convert(directory, tmp_path / "clip.safetensors")
+    assert json.loads(meta["config"])["quick_gelu"] is False
+    errors = _hf_errors(hf, load_clip(tmp_path / "clip.safetensors"), 2, 32)
+    print("HF small gelu", errors)
+    assert max(errors.values()) <= 1e-5, errors
+
+
+def test_hf_vit_b16_real_shapes_match_transformers(tmp_path):
+    text = dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=12)    # 8 heads: HF's default
+    vision = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, patch_size=16, image_size=224)
+    hf, directory = _hf_clip(tmp_path, 2, text, vision, projection_dim=512)
+    meta = convert.convert(directory, tmp_path / "clip.safetensors")
+    config = json.loads(meta["config"])
+    assert (config["vision_heads"], config["text_heads"], config["vision_patch_size"]) == (12, 8, 16)
+    errors = _hf_errors(hf, load_clip(tmp_path / "clip.safetensors"), 1, 224)
+    print("HF ViT-B/16", errors)
+    assert max(errors.values()) <= 1e-5, errors
+
+
+def test_hf_one_tower_models_and_foreign_settings_are_refused(tmp_path, capsys):
+    transformers = pytest.importorskip("transformers")
+    text, vision = _small_hf_config()
+    transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**vision)).save_pretrained(tmp_path / "vision")
+    assert "clip_vision_model" in _cli_error(capsys, tmp_path / "vision", tmp_path / "a.safetensors")
+
+    _, directory = _hf_clip(tmp_path, 3, text, vision, projection_dim=32)
+    config = json.loads((directory / "config.json").read_text())
+    config["vision_config"]["layer_norm_eps"] = 1e-6
+    (directory / "config.json").write_text(json.dumps(config))
+    assert "layer_norm_eps" in _cli_error(capsys, directory, tmp_path / "b.safetensors")
+
+
+@pytest.mark.parametrize("damage", ["missing", "extra"])
+def test_hf_missing_or_extra_weight_is_named(tmp_path, capsys, damage):
+    _, directory = _hf_clip(tmp_path, 4, *_small_hf_config(), projection_dim=32)
+    weights = load_file(directory / "model.safetensors")
+    key = "text_model.encoder.layers.1.self_attn.k_proj.bias"
+    if damage == "missing":
+        del weights[key]
+    else:
+        key = "text_model.encoder.layers.2.mlp.fc1.bias"
+        weights[key] = torch.zeros(256)
+    save_file(weights, directory / "model.safetensors")
+    assert key in _cli_error(capsys, directory, tmp_path / "clip.safetensors")
+
+
+# ----------------------------------------------------------------------------------------------
+# OpenAI TorchScript archives
+
+
+class _OpenAILayout(nn.Module):
+    """A CLIP with OpenAI's archive attributes: its modules at the root plus three int buffers."""
+
+    def __init__(self, clip):
+        super().__init__()
+        for name, child in clip.named_children():
+            setattr(self, name, child)
+        for name, p in clip.named_parameters(recurse=False):
+            setattr(self, name, p)
+        c = clip.config
+        for name, value in (("input_resolution", c.image_resolution), ("context_length", c.context_length),
+                            ("vocab_size", c.vocab_size)):
+            self.register_buffer(name, torch.tensor(value))
+
+    def forward(self, x):
+        return x * self.logit_scale
+
+
+def _openai_half(clip):
+    # OpenAI's convert_weights: conv/linear/attention weights and both projections fp16, the rest fp32
+    for module in clip.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if isinstance(module, (nn.Conv2d, nn.Linear)) or name in ("in_proj_weight", "in_proj_bias", "proj",
+                                                                      "text_projection"):
+                p.data = p.data.half()
+    return clip
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")   # OpenAI's format is TorchScript
+@pytest.mark.parametrize("config", [SMALL_VIT, SMALL_RN], ids=["vit", "resnet"])
+def test_openai_torchscript_archive_converts_tensor_for_tensor(tmp_path, config):
+    clip = _small_clip(config)
+    reference = {k: v.clone() for k, v in _openai_half(clip).state_dict().items()}
+    traced = torch.jit.trace(_OpenAILayout(clip), torch.ones(1))
+    torch.jit.save(traced, str(tmp_path / "model.pt"))
+
+    meta = convert.convert(tmp_path / "model.pt", tmp_path / "clip.safetensors")
+    out = load_file(tmp_path / "clip.safetensors")
+    assert meta["format"] == "openai-jit" and set(out) == set(reference)
+    for k, v in reference.items():
+        assert out[k].dtype == (torch.float32 if v.is_floating_point() else v.dtype), k
+        assert torch.equal(out[k], v.to(out[k].dtype)), k
+    # the restricted reader sees what torch.jit.load (which runs the archive's code) calls the state dict
+    read = convert.read_torchscript(tmp_path / "model.pt")
+    loaded = torch.jit.load(str(tmp_path / "model.pt")).state_dict()
+    assert set(read) == set(loaded) == set(reference) | {"input_resolution", "context_length", "vocab_size"}
+    assert all(torch.equal(read[k], loaded[k]) and read[k].dtype == loaded[k].dtype for k in read)
+
+
+def _malicious_pickle(marker, inside_torchscript_module):
+    class Payload:
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+
+    payload = pickle.dumps(Payload(), protocol=2)
+    assert any(op.name == "GLOBAL" and "system" in arg for op, arg, _ in pickletools.genops(payload))
+    if not inside_torchscript_module:
+        return payload
+    # a TorchScript-looking module (GLOBAL __torch__.M, NEWOBJ, BUILD) whose state holds the payload
+    return b"\x80\x02c__torch__\nM\n)\x81}X\x01\x00\x00\x00x" + payload[2:-1] + b"sb."
+
+
+@pytest.mark.parametrize("torchscript", [True, False], ids=["torchscript-reader", "torch.load-weights-only"])
+def test_malicious_pickle_is_refused_and_runs_nothing(tmp_path, capsys, torchscript):
+    marker = tmp_path / "pwned"
+    with zipfile.ZipFile(tmp_path / "evil.pt", "w") as z:
+        z.writestr("evil/data.pkl", _malicious_pickle(marker, torchscript))
+        if torchscript:
+            z.writestr("evil/constants.pkl", pickle.dumps((), protocol=2))
+        else:  # the records torch.save writes, so that torch.load gets as far as unpickling
+            z.writestr("evil/version", "3\n")
+            z.writestr("evil/byteorder", "little")
+    err = _cli_error(capsys, tmp_path / "evil.pt", tmp_path / "clip.safetensors")
+    assert "system" in err and not marker.exists()
+    assert not (tmp_path / "clip.safetensors").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# OpenAI / open_clip state dicts
+
+
+@torch.no_grad()
+def test_open_clip_checkpoint_with_state_dict_nesting_module_prefix_and_gelu(tmp_path):
+    clip = _small_clip(replace(SMALL_VIT, quick_gelu=False), seed=5)
+    checkpoint = {"epoch": 32, "name": "run", "state_dict": {"module." + k: v for k, v in clip.state_dict().items()}}
+    torch.save(checkpoint, tmp_path / "epoch_32.pt")
+    meta = convert.convert(tmp_path / "epoch_32.pt", tmp_path / "clip.safetensors", gelu=True)
+    assert meta["format"] == "state-dict" and json.loads(meta["config"])["quick_gelu"] is False
+    ours, images, tokens = load_clip(tmp_path / "clip.safetensors"), torch.randn(2, 3, 32, 32), _tokens()
+    assert torch.equal(ours.encode_image(images), clip.encode_image(images))
+    assert torch.equal(ours.encode_text(tokens), clip.encode_text(tokens))
+    convert.convert(tmp_path / "epoch_32.pt", tmp_path / "quick.safetensors")      # forgetting --gelu shows
+    assert _rel(load_clip(tmp_path / "quick.safetensors").encode_image(images), clip.encode_image(images)) > 1e-4
+
+
+def test_safetensors_source_to_fp16_with_metadata(tmp_path):
+    clip = _small_clip(SMALL_RN, seed=6)
+    save_file(clip.state_dict(), tmp_path / "open_clip_model.safetensors")
+    meta = convert.convert(tmp_path / "open_clip_model.safetensors", tmp_path / "clip.safetensors", dtype="fp16")
+    source_hash = hashlib.sha256((tmp_path / "open_clip_model.safetensors").read_bytes()).hexdigest()
+    expected = {**asdict(SMALL_RN), "vision_layers": list(SMALL_RN.vision_layers)}
+    assert meta == _metadata(tmp_path / "clip.safetensors")
+    assert meta["source"] == "open_clip_model.safetensors" and meta["source_sha256"] == source_hash
+    assert meta["format"] == "state-dict" and json.loads(meta["config"]) == expected
+    out = load_file(tmp_path / "clip.safetensors")
+    for k, v in clip.state_dict().items():
+        assert torch.equal(out[k], v.half() if v.is_floating_point() else v), k
+
+
+@pytest.mark.parametrize("damage", ["missing", "extra", "shape", "custom-text", "hf-file"])
+def test_bad_state_dict_exits_2_naming_a_key(tmp_path, capsys, damage):
+    sd = _small_clip(SMALL_VIT).state_dict()
+    key = {"missing": "transformer.resblocks.1.ln_2.bias", "extra": "visual.transformer.resblocks.0.ls_1.gamma",
+           "shape": "visual.positional_embedding", "custom-text": "text.token_embedding.weight",
+           "hf-file": "vision_model.embeddings.class_embedding"}[damage]
+    if damage == "missing":
+        del sd[key]
+    elif damage == "shape":
+        sd[key] = torch.zeros(18, 64)                         # a 4x4 grid has 17 rows: 18 fits no ViT
+    else:
+        sd[key] = torch.zeros(64)
+    torch.save(sd, tmp_path / "bad.pt")
+    (tmp_path / "clip.safetensors").write_bytes(b"old")
+    err = _cli_error(capsys, tmp_path / "bad.pt", tmp_path / "clip.safetensors")
+    assert key in err or (damage == "hf-file" and "Hugging Face" in err), err
+    assert (tmp_path / "clip.safetensors").read_bytes() == b"old"     # a failed run leaves DST alone
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.pt", "clip.safetensors"]
+
+
+def test_unknown_or_missing_source_exits_2(tmp_path, capsys):
+    (tmp_path / "weights.npz").write_bytes(b"\x00" * 16)
+    (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint")
+    for src in ("weights.npz", "garbage.pt", "absent.pt", "."):
+        _cli_error(capsys, tmp_path / src, tmp_path / "clip.safetensors")
+    assert not (tmp_path / "clip.safetensors").exists()
+
+
+@torch.no_grad()
+def test_rn50_real_shapes_round_trip_through_a_state_dict(tmp_path):
+    clip = _small_clip(RN50, seed=7)
+    torch.save(clip.state_dict(), tmp_path / "RN50.pt")
+    meta = convert.convert(tmp_path / "RN50.pt", tmp_path / "clip.safetensors")
+    expected = {**asdict(RN50), "vision_layers": [3, 4, 6, 3]}
+    assert json.loads(meta["config"]) == expected
+    ours, images, tokens = load_clip(tmp_path / "clip.safetensors"), torch.randn(1, 3, 224, 224), _tokens()
+    assert torch.equal(ours.encode_image(images), clip.encode_image(images))
+    assert torch.equal(ours.encode_text(tokens), clip.encode_text(tokens))
