@@ -18,7 +18,7 @@ from coop_min import data as D
 from coop_min.prompts import PromptedCLIP, load_prompt, nearest_words
 from coop_min.templates import templates_for
 
-DEMO_TEMPLATE_NOTE = "the bundled demo benchmark and tiny CLIP"
+
 
 
 # ----------------------------------------------------------------------------------------------
@@ -103,3 +103,140 @@ def write_results(path, results):
         json.dump(results, f, indent=2)
         f.write("\n")
     os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------
+# command line
+
+
+def _prompt_file(path):
+    if os.path.isdir(path):
+        path = os.path.join(path, "prompt.safetensors")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"prompt file not found: {path}; pass a run folder or a prompt.safetensors")
+    return path
+
+
+def _interpret(model, k, log):
+    from coop_min.tokenizer import token_string
+
+    ctx = model.learner.ctx.detach()
+    ids, dist = nearest_words(ctx, model.clip.token_embedding, k)
+    ids, dist = ids.reshape(-1, ctx.shape[-2], k), dist.reshape(-1, ctx.shape[-2], k)
+    for c in range(ids.shape[0]):
+        if ids.shape[0] > 1:
+            log(f"class {model.learner.classnames[c]}:")
+        for m in range(ids.shape[1]):
+            words = [token_string(int(i)) for i in ids[c, m]]
+            log(f"{m + 1}: {words} {['%.4f' % float(d) for d in dist[c, m]]}")
+
+
+def _predict_image(path, clip, classnames, model, weights, device):
+    from coop_min.transforms import image_transform, load_image
+
+    x = image_transform(clip.visual.input_resolution)(load_image(path)).unsqueeze(0).to(device)
+    with torch.no_grad():
+        f = clip.encode_image(x).float()
+        if model is not None:
+            logits = model.logits_from_features(f)
+        else:
+            logits = clip.logit_scale.exp().float() * F.normalize(f, dim=-1) @ weights.t()
+    probs = logits.softmax(-1)[0]
+    top = probs.topk(min(5, len(classnames)))
+    return [(classnames[int(i)], float(p)) for p, i in zip(top.values, top.indices)]
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m coop_min.evaluate", description=(
+        "Evaluate zero-shot CLIP or learned prompts on a dataset's test split; interpret learned context; "
+        "classify one image. With no --data: the bundled demo benchmark and tiny CLIP."))
+    p.add_argument("--data", help="dataset folder (as for training); default: the demo benchmark")
+    p.add_argument("--dataset", default="auto", help="dataset name or auto (default auto)")
+    p.add_argument("--weights", help="CLIP safetensors (default: weights/tiny_clip.safetensors)")
+    what = p.add_mutually_exclusive_group()
+    what.add_argument("--prompt", help="a training run folder or a prompt.safetensors")
+    what.add_argument("--zero-shot", action="store_true", help="hand-crafted prompts (the default without --prompt)")
+    p.add_argument("--templates", choices=["single", "ensemble"], default="single",
+                   help="zero-shot: the dataset's template, or the ImageNet ensemble (+ the dataset's)")
+    p.add_argument("--subsample", choices=["all", "base", "new", "base2new"], default="all",
+                   help="classes to test on; base2new reports base, new and their harmonic mean")
+    p.add_argument("--interpret", type=int, metavar="K", help="print the K nearest words of each context vector")
+    p.add_argument("--image", help="classify one image file: top-5 classes with probabilities")
+    p.add_argument("--output", help="folder for results.json (default: print only)")
+    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--device", help="default cuda if available")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--skip-bad-images", action="store_true")
+    args = p.parse_args(argv)
+    try:
+        run(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def run(args):
+    from coop_min.clip import load_clip
+    from coop_min.train import DEMO_WEIGHTS, sha256_file
+    from coop_min.transforms import image_transform
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    weights_path = args.weights or DEMO_WEIGHTS
+    clip = load_clip(weights_path, device=device)
+    clip_sha = sha256_file(weights_path)
+    prompt = _prompt_file(args.prompt) if args.prompt else None
+    if prompt and args.interpret:
+        _interpret(load_prompt(prompt, clip, clip_sha256=clip_sha), args.interpret, print)
+    if args.interpret and not prompt:
+        raise ValueError("--interpret needs --prompt (a run folder or prompt.safetensors)")
+    if args.image:
+        if prompt:
+            model = load_prompt(prompt, clip, clip_sha256=clip_sha)
+            names, weights = model.learner.classnames, None
+        else:
+            names = _load(args).classnames
+            model, weights = None, zero_shot_weights(clip, names, templates_for(_load(args).name, args.templates == "ensemble"), device)
+        for name, prob in _predict_image(args.image, clip, names, model, weights, device):
+            print(f"{prob * 100:6.2f}%  {name}")
+        return None
+    if args.interpret and args.data is None and args.prompt:
+        return None
+    splits = _load(args)
+    halves = ["base", "new"] if args.subsample == "base2new" else [args.subsample]
+    results, rows = {"dataset": splits.name}, []
+    for half in halves:
+        part = D.subsample_classes(splits, half)
+        dataset = D.ImageDataset(part.test, image_transform(clip.visual.input_resolution), skip_bad=args.skip_bad_images)
+        loader = D.make_loader(dataset, args.batch_size, shuffle=False, drop_last=False,
+                               num_workers=args.workers, pin_memory=device.startswith("cuda"))
+        feats, labels = extract_features(clip, loader, device)
+        if prompt:
+            pred = predict_prompted(load_prompt(prompt, clip, part.classnames, clip_sha), feats)
+            name = f"prompt ({half})"
+        else:
+            w = zero_shot_weights(clip, part.classnames, templates_for(splits.name, args.templates == "ensemble"), device)
+            pred, name = predict_zero_shot(feats, w), f"zero-shot {args.templates} ({half})"
+        m = compute_metrics(pred.cpu(), labels.cpu(), part.classnames)
+        results[half], rows = m, rows + [(name, m)]
+    if len(halves) == 2:
+        results["harmonic_mean"] = harmonic_mean(results["base"]["accuracy"], results["new"]["accuracy"])
+    else:
+        results.update(results.pop(halves[0]))
+    print(format_table(rows, f"test accuracy, {splits.name}"))
+    if "harmonic_mean" in results:
+        print(f"harmonic mean {results['harmonic_mean']:.2f}")
+    if args.output:
+        os.makedirs(args.output, exist_ok=True)
+        write_results(os.path.join(args.output, "results.json"), results)
+    return results
+
+
+def _load(args):
+    if args.data is None:
+        from coop_min.train import TrainConfig, _data_root
+        return D.load_dataset(_data_root(TrainConfig()), args.dataset)
+    return D.load_dataset(args.data, args.dataset)
+
+
+if __name__ == "__main__":
+    main()
