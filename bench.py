@@ -283,8 +283,8 @@ def all_cases(smoke=False):
     reps = (lambda n: 2) if smoke else (lambda n: n)
     cases = []
     for arch in (vit, rn):
-        cases += [Case(f"coop-{arch}-c{C}", "coop", arch, C, 4 if smoke else 32, 16, repeats=reps(5 if C >= 1000 else 10))
-                  for C in coop_classes]
+        cases += [Case(f"coop-{arch}-c{C}", "coop", arch, C, 4 if smoke else 32, 16,
+                       repeats=reps(5 if C >= 1000 else 10)) for C in coop_classes]
         if arch == vit:
             cases += [Case(f"cocoop-{arch}-c{C}-b{B}", "cocoop", arch, C, B, 4, repeats=reps(3 if B * C >= 4000 else 5))
                       for C in cocoop_classes for B in cocoop_batches]
@@ -390,8 +390,7 @@ class _Models:
         torch.manual_seed(0)
         clip = CLIP(self.config).eval().requires_grad_(False)            # fp32, CPU, OpenAI's init
         self.official = build_official_clip(clip.state_dict(), self.config, args.official_dtype, device)
-        self.ours = convert_dtype(clip.to(device), args.ours_dtype) if args.ours_dtype != torch.float32 \
-            else clip.to(device)
+        self.ours = convert_dtype(clip.to(device), args.ours_dtype)     # LayerNorm stays fp32
         self.official_bytes, self.ours_bytes = _nbytes(self.official), _nbytes(self.ours)
 
 
