@@ -401,12 +401,14 @@ def _load_strict(model, sd):
 
 
 def convert_dtype(model: CLIP, dtype) -> CLIP:
-    """Cast a CLIP for compute in `dtype`, keeping LayerNorm weights in fp32 (they run in fp32)."""
+    """Cast a CLIP for compute in `dtype`, keeping LayerNorm weights (they run in fp32) and
+    logit_scale in fp32 (bf16 would put exp(logit_scale) = 100 off by 1%)."""
     for module in model.modules():
         if isinstance(module, LayerNorm):
             continue
-        for p in module.parameters(recurse=False):
-            p.data = p.data.to(dtype)
+        for name, p in module.named_parameters(recurse=False):
+            if name != "logit_scale":
+                p.data = p.data.to(dtype)
         for name, b in module.named_buffers(recurse=False):
             if b.is_floating_point():
                 setattr(module, name, b.to(dtype))

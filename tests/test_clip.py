@@ -199,6 +199,7 @@ def test_bf16_keeps_layernorm_fp32_and_stays_close():
     ref = build_clip(CLIP(cfg).state_dict(), {"vision_heads": 2, "text_heads": 2})
     low = convert_dtype(build_clip(ref.state_dict(), cfg), torch.bfloat16)
     assert low.ln_final.weight.dtype == torch.float32 and low.dtype == torch.bfloat16
+    assert low.logit_scale.dtype == torch.float32
     tokens = _tokens(4)
     with torch.no_grad():
         a, b = ref.encode_text(tokens), low.encode_text(tokens).float()

@@ -319,3 +319,29 @@ def test_nearest_words_matches_brute_force(shape):
         best = sorted(range(len(d)), key=d.__getitem__)[:5]
         assert ids.reshape(-1, 5)[m].tolist() == best
         _close(dist.reshape(-1, 5)[m], torch.tensor([d[i] for i in best]))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("method", ["coop", "cocoop"])
+def test_cuda_bf16_fast_path_matches_fp32_reference(method):
+    from coop_min.clip import build_clip, convert_dtype
+
+    torch.manual_seed(0)
+    cfg = CLIPConfig(512, 32, 1, 64, 8, 1, 77, 49408, 512, 8, 12)
+    sd = CLIP(cfg).state_dict()
+    ref_clip = build_clip(sd, cfg).cuda()
+    fast_clip = convert_dtype(build_clip(sd, cfg).cuda(), torch.bfloat16)
+    names = [f"class {i} " + "word " * (i % 5) for i in range(300)]
+    config = PromptConfig(method=method, ctx_init="")
+    ref = build_prompted_clip(ref_clip, names, config, seed=0, reference=True)
+    fast = build_prompted_clip(fast_clip, names, config, seed=0)
+    fast.learner.load_state_dict(ref.learner.state_dict())
+    f, labels = torch.randn(4, 512, device="cuda"), torch.randint(0, 300, (4,), device="cuda")
+    params_ref, params_fast = ref.trainable_parameters(), fast.trainable_parameters()
+    loss_ref, loss_fast = ref.loss(f, labels), fast.loss(f, labels)
+    assert abs(loss_fast.item() - loss_ref.item()) <= 1e-2 * abs(loss_ref.item())
+    for a, b in zip(torch.autograd.grad(loss_ref, params_ref), torch.autograd.grad(loss_fast, params_fast)):
+        assert F.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.99
+    with torch.no_grad():
+        assert (ref.logits_from_features(f).argmax(-1) == fast.logits_from_features(f).argmax(-1)).float().mean() >= 0.75

@@ -1,0 +1,104 @@
+"""End to end: `python -m coop_min.train` and `python -m coop_min.evaluate` as subprocesses on the demo
+benchmark with a small random-init CLIP; a run SIGKILLed mid-epoch and resumed ends bit-identical to an
+uninterrupted one; bad inputs exit 2 with one clear line."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from coop_min.clip import CLIP, CLIPConfig
+from coop_min.demo import write_benchmark
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("e2e")
+    torch.manual_seed(0)
+    config = CLIPConfig(64, 32, 1, 64, 8, 2, 77, 49408, 64, 2, 1)
+    weights = root / "clip.safetensors"
+    save_file({k: v.contiguous() for k, v in CLIP(config).state_dict().items()}, str(weights),
+              metadata={"config": json.dumps(asdict(config))})
+    return {"data": str(write_benchmark(root)), "weights": str(weights), "root": root}
+
+
+def _cmd(module, setup, *args):
+    return [sys.executable, "-m", module, "--data", setup["data"], "--weights", setup["weights"], "--workers", "0", *args]
+
+
+def _train(setup, out, *args):
+    args = ["--shots", "2", "--epochs", "3", "--batch-size", "8", "--print-every", "1", "--output", str(out), *args]
+    return subprocess.run(_cmd("coop_min.train", setup, *args), env=ENV, capture_output=True, text=True, timeout=300)
+
+
+def test_training_writes_every_run_output_and_evaluate_agrees(setup):
+    out = setup["root"] / "run"
+    r = _train(setup, out, "--subsample", "base")
+    assert r.returncode == 0, r.stderr
+    for name in ("config.json", "log.txt", "metrics.jsonl", "checkpoint.safetensors", "state.pt",
+                 "prompt.safetensors", "classifier.safetensors", "results.json", "split.json"):
+        assert (out / name).is_file(), name
+    results = json.loads((out / "results.json").read_text())
+    assert {"accuracy", "macro_f1", "per_class_accuracy", "base", "new", "harmonic_mean"} <= set(results)
+    b, n = results["base"], results["new"]
+    assert results["harmonic_mean"] == pytest.approx(2 * b * n / (b + n))
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["lr"] for m in lines if m["batch"] == 1][:2] == [1e-5, 0.002]   # warm-up epoch, then the peak
+    config = json.loads((out / "config.json").read_text())
+    assert (config["n_ctx"], config["ctx_init"], config["lr"], config["momentum"]) == (16, "", 0.002, 0.9)
+    # evaluate the saved prompt on both halves: the same numbers as the training run reported
+    r = subprocess.run(_cmd("coop_min.evaluate", setup, "--prompt", str(out), "--subsample", "base2new"),
+                       env=ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert f"harmonic mean {results['harmonic_mean']:.2f}" in r.stdout
+    # a second run into the same folder must not overwrite it
+    r = _train(setup, out)
+    assert r.returncode == 2 and "already holds a run" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_killed_run_resumes_bit_identical(setup):
+    full, killed = setup["root"] / "full", setup["root"] / "killed"
+    args = ("--epochs", "4", "--save-every", "1")
+    assert _train(setup, full, *args).returncode == 0
+    cmd = _cmd("coop_min.train", setup, "--shots", "2", "--epochs", "4", "--batch-size", "8", "--print-every", "1",
+               "--output", str(killed), *args)
+    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    metrics = killed / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:     # kill in the middle of epoch 2
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 6:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.005)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    assert not (killed / "results.json").exists()
+    r = _train(setup, killed, *args, "--resume")
+    assert r.returncode == 0, r.stderr
+    a, b = load_file(str(full / "checkpoint.safetensors")), load_file(str(killed / "checkpoint.safetensors"))
+    assert torch.equal(a["ctx"], b["ctx"])
+    assert (full / "metrics.jsonl").read_text() == (killed / "metrics.jsonl").read_text()
+    ra, rb = (json.loads((d / "results.json").read_text()) for d in (full, killed))
+    assert ra["accuracy"] == rb["accuracy"] and ra["per_class_accuracy"] == rb["per_class_accuracy"]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--data", "/nonexistent/folder"], "/nonexistent/folder"),
+    (["--weights", "/nonexistent/clip.safetensors"], "weights not found"),
+    (["--shots", "100"], "fewer than --shots 100"),
+    (["--method", "cocoop", "--csc"], "CoCoOp"),
+])
+def test_bad_inputs_exit_2_with_one_line(setup, tmp_path, args, message):
+    cmd = _cmd("coop_min.train", setup, "--output", str(tmp_path / "run"), "--epochs", "1") + args
+    r = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], r.stderr
