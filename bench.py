@@ -422,7 +422,7 @@ def _train_case(case, models, device, args):
             learner.ctx.copy_(ctx)
         if cocoop:
             learner.meta_net.load_state_dict(meta_state)
-        model = PromptedCLIP(models.ours, learner, shared_prefix=not args.no_shared_prefix).train()
+        model = PromptedCLIP(models.ours, learner, shared_prefix=args.shared_prefix).train()
         return _sgd_step(lambda: model.loss(images, labels), model.trainable_parameters())
 
     return {"official": _run(official, device, args.warmup, case.repeats, models.official_bytes),
@@ -578,7 +578,7 @@ def _environment(device, args):
     return {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
             "torch": torch.__version__, "triton": triton_version, "python": platform.python_version(),
             "official_dtype": str(args.official_dtype), "ours_dtype": str(args.ours_dtype),
-            "fused_head": "triton" if use_triton(probe) else "pytorch twin", "shared_prefix": not args.no_shared_prefix,
+            "fused_head": "triton" if use_triton(probe) else "pytorch twin", "shared_prefix": args.shared_prefix,
             "copy_gbps": args.copy_gbps, "smoke": args.smoke, "warmup": args.warmup}
 
 
@@ -595,7 +595,7 @@ def _parse(argv):
     p.add_argument("--warmup", type=int, default=None, help="warm-up steps per method (default 3, smoke 1)")
     p.add_argument("--repeats", type=int, default=None, help="timed steps per method (default: per case, 3-50)")
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile of the head twin (smoke skips it)")
-    p.add_argument("--no-shared-prefix", action="store_true", help="ours without the shared-prefix text path")
+    p.add_argument("--shared-prefix", action="store_true", help="ours with the shared-prefix text path (less memory, more launches)")
     p.add_argument("--list", action="store_true", help="print the selected case names and exit")
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():

@@ -61,6 +61,7 @@ class TrainConfig:
     eval_batch_size: int = 100
     skip_bad_images: bool = False
     reference_path: bool = False             # the official compute path (slow), for comparison
+    shared_prefix: bool = False              # [SOS, ctx] encoded once: less memory, more kernel launches
     save_every: int = 0                      # also checkpoint every N steps inside an epoch (0: epoch ends)
     print_every: int = 10
 
@@ -311,7 +312,8 @@ def run(cfg: TrainConfig):
     clip, clip_sha = _clip_and_sha(cfg)
     prompt_cfg = PromptConfig(method=cfg.method, n_ctx=cfg.n_ctx, ctx_init=cfg.ctx_init, csc=cfg.csc,
                               class_token_position=cfg.class_token_position)
-    model = build_prompted_clip(clip, train_split.classnames, prompt_cfg, seed=cfg.seed, reference=cfg.reference_path)
+    model = build_prompted_clip(clip, train_split.classnames, prompt_cfg, seed=cfg.seed, reference=cfg.reference_path,
+                                shared_prefix=cfg.shared_prefix)
     res = clip.visual.input_resolution
     log.print(f"{cfg.method} on {splits.name} ({root}): {len(train_split.classnames)} classes ({cfg.subsample}), "
               f"{cfg.shots} shots, {len(train_split.train)} training images, {cfg.epochs} epochs, batch "
@@ -380,6 +382,8 @@ def parse_args(argv=None) -> TrainConfig:
     a("--workers", type=int, default=2, help="data loader worker processes (default 2)")
     a("--skip-bad-images", action="store_true", help="skip and count unreadable images instead of failing")
     a("--reference-path", action="store_true", help="use the official compute path (slow; for comparison)")
+    a("--shared-prefix", action="store_true",
+      help="encode [SOS, ctx] once for all classes (UC, end; CoCoOp): less memory at many classes, more launches")
     a("--save-every", type=int, default=0, help="also checkpoint every N steps inside an epoch")
     a("--print-every", type=int, default=10, help="progress line every N steps (default 10)")
     args = p.parse_args(argv)

@@ -168,7 +168,7 @@ def test_coop_fast_path_matches_official(clip, position, csc):
     config = PromptConfig(n_ctx=6, csc=csc, class_token_position=position)
     fast = build_prompted_clip(clip, CLASSNAMES, config, seed=0, max_prompts_per_chunk=3)
     ref = PromptedCLIP(clip, fast.learner, reference=True)
-    no_prefix = PromptedCLIP(clip, fast.learner, max_prompts_per_chunk=3, shared_prefix=False)
+    prefixed = PromptedCLIP(clip, fast.learner, max_prompts_per_chunk=3, shared_prefix=True)
     ctx = fast.learner.ctx
     prompts, tokenized = _official_prompts(clip, CLASSNAMES, ctx, 6, position, "X X X X X X")
     official_t = _official_text_encoder(clip, prompts, tokenized)
@@ -177,7 +177,7 @@ def test_coop_fast_path_matches_official(clip, position, csc):
     official_logits = clip.logit_scale.exp() * F.normalize(f, dim=-1) @ F.normalize(official_t, dim=-1).t()
     official_loss = F.cross_entropy(official_logits, labels)
     (official_grad,) = torch.autograd.grad(official_loss, ctx)
-    for model in (fast, no_prefix, ref):
+    for model in (fast, prefixed, ref):
         _close(model.text_features(), official_t)
         with torch.no_grad():
             _close(model.logits_from_features(f), official_logits)
@@ -190,7 +190,7 @@ def test_cocoop_batched_matches_official_per_image_loop(clip):
     config = PromptConfig(method="cocoop", ctx_init="")
     fast = build_prompted_clip(clip, CLASSNAMES, config, seed=0, max_prompts_per_chunk=5)  # chunks cut images
     ref = PromptedCLIP(clip, fast.learner, reference=True)
-    no_prefix = PromptedCLIP(clip, fast.learner, max_prompts_per_chunk=5, shared_prefix=False)
+    prefixed = PromptedCLIP(clip, fast.learner, max_prompts_per_chunk=5, shared_prefix=True)
     with torch.no_grad():                      # non-zero Meta-Net output so the image really matters
         fast.learner.meta_net.linear2.weight.normal_(0, 0.5)
     f = torch.randn(3, 32)
@@ -200,7 +200,7 @@ def test_cocoop_batched_matches_official_per_image_loop(clip):
     official_logits = _official_cocoop_logits(clip, fast.learner, f)
     official_loss = F.cross_entropy(official_logits, labels)
     official_grads = torch.autograd.grad(official_loss, params)
-    for model in (fast, no_prefix, ref):
+    for model in (fast, prefixed, ref):
         assert model.text_features(f).shape == (3, 4, 32)
         with torch.no_grad():
             _close(model.logits_from_features(f), official_logits)
