@@ -102,3 +102,25 @@ def test_bad_inputs_exit_2_with_one_line(setup, tmp_path, args, message):
     assert r.returncode == 2, r.stderr
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], r.stderr
+
+
+def test_evaluate_interprets_context_and_classifies_one_image(setup, tmp_path):
+    out = tmp_path / "run"
+    assert _train(setup, out, "--epochs", "1").returncode == 0
+    r = subprocess.run(_cmd("coop_min.evaluate", setup, "--prompt", str(out), "--interpret", "3"),
+                       env=ENV, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    lines = [line for line in r.stdout.splitlines() if line[:1].isdigit()]
+    assert len(lines) == 16 and all(line.count("'") >= 12 for line in lines)   # M=16 rows of 3 tokens + distances
+    split = json.loads((out / "split.json").read_text())
+    image = os.path.join(split["root"], split["test"][0][0])
+    r = subprocess.run(_cmd("coop_min.evaluate", setup, "--prompt", str(out), "--image", image),
+                       env=ENV, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    probs = [float(line.split("%")[0]) for line in r.stdout.strip().splitlines()]
+    assert len(probs) == 5 and probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 100.01
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"not an image")
+    r = subprocess.run(_cmd("coop_min.evaluate", setup, "--prompt", str(out), "--image", str(bad)),
+                       env=ENV, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "bad.jpg" in r.stderr
