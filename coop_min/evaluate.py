@@ -165,7 +165,7 @@ def main(argv=None):
     p.add_argument("--output", help="folder for results.json (default: print only)")
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--device", help="default cuda if available")
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--workers", type=int, default=0, help="data loader worker processes (default 0)")
     p.add_argument("--skip-bad-images", action="store_true")
     args = p.parse_args(argv)
     try:

@@ -57,7 +57,7 @@ class TrainConfig:
     device: str | None = None
     output: str | None = None
     resume: bool = False
-    workers: int = 2
+    workers: int | None = None               # loader processes; default 0 on CPU (compute needs the cores), 8 on CUDA
     eval_batch_size: int = 100
     skip_bad_images: bool = False
     reference_path: bool = False             # the official compute path (slow), for comparison
@@ -101,6 +101,8 @@ def resolve(cfg: TrainConfig, dataset_name: str) -> TrainConfig:
         cfg.device = "cuda" if torch.cuda.is_available() else "cpu"
     if cfg.precision is None:
         cfg.precision = "bf16" if cfg.device.startswith("cuda") else "fp32"
+    if cfg.workers is None:
+        cfg.workers = min(8, os.cpu_count() or 1) if cfg.device.startswith("cuda") else 0
     if cfg.output is None:
         tag = f"{cfg.method}_{cfg.shots}shots_nctx{cfg.n_ctx}{'_csc' if cfg.csc else ''}_{cfg.class_token_position}"
         cfg.output = os.path.join("runs", dataset_name, cfg.subsample, tag, f"seed{cfg.seed}")
@@ -272,7 +274,7 @@ def _start_folder(cfg, folder):
             raise SystemExit(f"error: --resume but {state_path} does not exist; start without --resume")
         with open(config_path) as f:
             saved = {k: v for k, v in json.load(f).items() if k != "resume"}
-        changed = sorted(k for k in settings if saved.get(k) != settings[k] and k not in ("workers", "print_every"))
+        changed = sorted(k for k in settings if saved.get(k) != settings[k] and k not in ("workers", "print_every", "device"))
         if changed:
             raise SystemExit(f"error: --resume with different settings ({', '.join(changed)}); use the run's "
                              f"settings or another --output")
@@ -379,7 +381,7 @@ def parse_args(argv=None) -> TrainConfig:
     a("--device", help="cpu, cuda, cuda:1 ... (default cuda if available)")
     a("--output", help="run folder (default runs/<dataset>/<subsample>/<setting>/seed<seed>)")
     a("--resume", action="store_true", help="continue the run in --output from its state.pt")
-    a("--workers", type=int, default=2, help="data loader worker processes (default 2)")
+    a("--workers", type=int, help="data loader worker processes (default 0 on CPU, 8 on CUDA)")
     a("--skip-bad-images", action="store_true", help="skip and count unreadable images instead of failing")
     a("--reference-path", action="store_true", help="use the official compute path (slow; for comparison)")
     a("--shared-prefix", action="store_true",
@@ -391,7 +393,7 @@ def parse_args(argv=None) -> TrainConfig:
     for name in ("shots", "epochs", "batch_size", "n_ctx"):
         if values[name] is not None and values[name] < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {values[name]}")
-    if values["workers"] < 0:
+    if values["workers"] is not None and values["workers"] < 0:
         p.error("--workers must be >= 0")
     return TrainConfig(**values)
 
