@@ -471,14 +471,16 @@ def _load_or_error(path):
 
 
 def make_loader(dataset, batch_size, shuffle=None, seed=0, epoch=0, num_workers=0, pin_memory=False,
-                drop_last=None, start_batch=0):
+                drop_last=None, start_batch=0, rank=0, world_size=1):
     """A DataLoader over `dataset` for one epoch, yielding (images (B, 3, H, W), labels (B,)).
 
     shuffle=None and drop_last=None follow Dassl: a train set is shuffled and drops its last partial
     batch when it has at least one full batch; an eval set keeps its order and every image. The order
     is a function of (seed, epoch) only, random.Random(f"order/{seed}/{epoch}").shuffle, so resuming
-    at `start_batch` replays the rest of the epoch exactly. Skipped bad
-    images (skip_bad) are listed in `loader.skipped` and reported on stderr; an all-bad batch is dropped."""
+    at `start_batch` replays the rest of the epoch exactly. Data-parallel (world_size > 1): the same
+    global batches, each cut into world_size contiguous parts of which this loader yields part `rank`,
+    every one, even when empty, so that all ranks take the same steps. Skipped bad images (skip_bad)
+    are listed in `loader.skipped` and reported on stderr; a single process drops an all-bad batch."""
     dataset.set_epoch(epoch)
     order = list(range(len(dataset)))
     if dataset.train if shuffle is None else shuffle:
@@ -489,20 +491,25 @@ def make_loader(dataset, batch_size, shuffle=None, seed=0, epoch=0, num_workers=
     if not 0 <= start_batch <= n_batches:
         raise ValueError(f"start_batch {start_batch} is outside this epoch's {n_batches} batches")
     batches = [order[b * batch_size:(b + 1) * batch_size] for b in range(start_batch, n_batches)]
-    return _Loader(dataset, batch_sampler=batches, num_workers=num_workers, pin_memory=pin_memory, collate_fn=_collate)
+    batches = [b[len(b) * rank // world_size:len(b) * (rank + 1) // world_size] for b in batches]
+    loader = _Loader(dataset, batch_sampler=batches, num_workers=num_workers, pin_memory=pin_memory,
+                     collate_fn=_collate)
+    loader.keep_empty = world_size > 1
+    return loader
 
 
 class _Loader(DataLoader):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.skipped = []  # paths of the unreadable images skipped so far
+        self.keep_empty = False
 
     def __iter__(self):
         for images, labels, bad in super().__iter__():
             for path, reason in bad:
                 print(f"warning: skipped {reason}", file=sys.stderr)
                 self.skipped.append(path)
-            if len(labels):
+            if len(labels) or self.keep_empty:
                 yield images, labels
 
 

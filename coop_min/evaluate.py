@@ -3,7 +3,8 @@
 Image features are computed once per evaluation (the image encoder is frozen) and every classifier,
 hand-crafted or learned, is scored on the same features. Metrics as Dassl's Classification
 evaluator: top-1 accuracy (the number the papers report), macro-F1 over the classes present in the
-labels, and per-class accuracy, all in percent.
+labels, and per-class accuracy, all in percent. Under torchrun each process scores its part of the
+test set and the predictions are gathered, so the metrics are exactly those of one process.
 """
 import argparse
 import json
@@ -15,10 +16,9 @@ import torch
 import torch.nn.functional as F
 
 from coop_min import data as D
+from coop_min import distributed as dist
 from coop_min.prompts import PromptedCLIP, load_prompt, nearest_words
 from coop_min.templates import templates_for
-
-
 
 
 # ----------------------------------------------------------------------------------------------
@@ -52,11 +52,23 @@ def harmonic_mean(base, new):
 @torch.no_grad()
 def extract_features(clip, loader, device):
     """Unnormalised image features (N, D) in fp32 and labels (N,) of a whole loader."""
-    feats, labels = [], []
+    feats = [torch.empty(0, clip.config.embed_dim, device=device)]
+    labels = [torch.empty(0, dtype=torch.long)]
     for images, y in loader:
-        feats.append(clip.encode_image(images.to(device, non_blocking=True)).float())
-        labels.append(y)
+        if len(y):                           # a data-parallel part of a batch may be empty
+            feats.append(clip.encode_image(images.to(device, non_blocking=True)).float())
+            labels.append(y)
     return torch.cat(feats), torch.cat(labels).to(device)
+
+
+def split_features(clip, items, batch_size, device, workers=0, skip_bad=False, world=dist.World()):
+    """Image features and labels of this process's part of `items` (all of them in one process)."""
+    from coop_min.transforms import image_transform
+
+    dataset = D.ImageDataset(items, image_transform(clip.visual.input_resolution), skip_bad=skip_bad)
+    loader = D.make_loader(dataset, batch_size, shuffle=False, drop_last=False, num_workers=workers,
+                           pin_memory=device.startswith("cuda"), rank=world.rank, world_size=world.size)
+    return extract_features(clip, loader, device)
 
 
 @torch.no_grad()
@@ -80,6 +92,8 @@ def predict_zero_shot(feats, weights):
 def predict_prompted(model: PromptedCLIP, feats, chunk=256):
     """Argmax classes of learned prompts on precomputed image features, in chunks of images (CoCoOp)."""
     model.eval()
+    if len(feats) == 0:
+        return torch.empty(0, dtype=torch.long, device=feats.device)
     if not model.is_conditional:
         return model.logits_from_features(feats).argmax(-1)
     return torch.cat([model.logits_from_features(feats[i:i + chunk]).argmax(-1) for i in range(0, len(feats), chunk)])
@@ -178,15 +192,15 @@ def main(argv=None):
 def run(args):
     from coop_min.clip import load_clip
     from coop_min.train import DEMO_WEIGHTS, sha256_file
-    from coop_min.transforms import image_transform
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    world, device = dist.setup(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    say = print if world.main else (lambda *a: None)
     weights_path = args.weights or DEMO_WEIGHTS
     clip = load_clip(weights_path, device=device)
     clip_sha = sha256_file(weights_path)
     prompt = _prompt_file(args.prompt) if args.prompt else None
     if prompt and args.interpret:
-        _interpret(load_prompt(prompt, clip, clip_sha256=clip_sha), args.interpret, print)
+        _interpret(load_prompt(prompt, clip, clip_sha256=clip_sha), args.interpret, say)
     if args.interpret and not prompt:
         raise ValueError("--interpret needs --prompt (a run folder or prompt.safetensors)")
     if args.image:
@@ -197,7 +211,7 @@ def run(args):
             names = _load(args).classnames
             model, weights = None, zero_shot_weights(clip, names, templates_for(_load(args).name, args.templates == "ensemble"), device)
         for name, prob in _predict_image(args.image, clip, names, model, weights, device):
-            print(f"{prob * 100:6.2f}%  {name}")
+            say(f"{prob * 100:6.2f}%  {name}")
         return None
     if args.interpret and args.data is None and args.prompt:
         return None
@@ -206,26 +220,25 @@ def run(args):
     results, rows = {"dataset": splits.name}, []
     for half in halves:
         part = D.subsample_classes(splits, half)
-        dataset = D.ImageDataset(part.test, image_transform(clip.visual.input_resolution), skip_bad=args.skip_bad_images)
-        loader = D.make_loader(dataset, args.batch_size, shuffle=False, drop_last=False,
-                               num_workers=args.workers, pin_memory=device.startswith("cuda"))
-        feats, labels = extract_features(clip, loader, device)
+        feats, labels = split_features(clip, part.test, args.batch_size, device, args.workers, args.skip_bad_images,
+                                       world)
         if prompt:
             pred = predict_prompted(load_prompt(prompt, clip, part.classnames, clip_sha), feats)
             name = f"prompt ({half})"
         else:
             w = zero_shot_weights(clip, part.classnames, templates_for(splits.name, args.templates == "ensemble"), device)
             pred, name = predict_zero_shot(feats, w), f"zero-shot {args.templates} ({half})"
+        pred, labels = dist.all_gather_cat(pred), dist.all_gather_cat(labels)
         m = compute_metrics(pred.cpu(), labels.cpu(), part.classnames)
         results[half], rows = m, rows + [(name, m)]
     if len(halves) == 2:
         results["harmonic_mean"] = harmonic_mean(results["base"]["accuracy"], results["new"]["accuracy"])
     else:
         results.update(results.pop(halves[0]))
-    print(format_table(rows, f"test accuracy, {splits.name}"))
+    say(format_table(rows, f"test accuracy, {splits.name}"))
     if "harmonic_mean" in results:
-        print(f"harmonic mean {results['harmonic_mean']:.2f}")
-    if args.output:
+        say(f"harmonic mean {results['harmonic_mean']:.2f}")
+    if args.output and world.main:
         os.makedirs(args.output, exist_ok=True)
         write_results(os.path.join(args.output, "results.json"), results)
     return results

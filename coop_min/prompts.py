@@ -160,11 +160,13 @@ class CoOpPromptLearner(_PromptLearner):
             return [0] + ctx[:half] + name + ctx[half:] + rest
         return [0] + name + ctx + rest                                      # front
 
-    def forward(self):  # -> (C, L, W) in the CLIP dtype
-        ctx = self.ctx if self.ctx.dim() == 3 else self.ctx.expand(self.n_cls, -1, -1)   # (C, M, W)
-        prompts = torch.cat([self.token_prefix, ctx.to(self.token_prefix.dtype), self.token_suffix], dim=1)
+    def forward(self, classes=None):  # classes (n,) long or None (all) -> (n, L, W) in the CLIP dtype
+        i = slice(None) if classes is None else classes
+        prefix, suffix = self.token_prefix[i], self.token_suffix[i]
+        ctx = self.ctx[i] if self.ctx.dim() == 3 else self.ctx.expand(len(prefix), -1, -1)   # (n, M, W)
+        prompts = torch.cat([prefix, ctx.to(prefix.dtype), suffix], dim=1)
         if self._position_order is not None:
-            order = self._position_order.unsqueeze(-1).expand(-1, -1, prompts.shape[-1])
+            order = self._position_order[i].unsqueeze(-1).expand(-1, -1, prompts.shape[-1])
             prompts = prompts.gather(1, order)
         return prompts
 
@@ -220,6 +222,9 @@ class PromptedCLIP(nn.Module):
         self.reference = reference               # True: the official compute path (slow)
         self.max_prompts_per_chunk = max_prompts_per_chunk
         self.shared_prefix = shared_prefix       # [SOS, ctx] encoded once (UC-end CoOp, CoCoOp); see docstring
+        # Data-parallel CoOp (coop_min.distributed): (classes, gather) makes text_features encode only
+        # `classes` (n,) and return gather(their features) -> all (C, D); None: encode every class.
+        self.class_shard = None
 
     @property
     def is_conditional(self):                    # CoCoOp: text features depend on the image
@@ -242,9 +247,8 @@ class PromptedCLIP(nn.Module):
     def _encode_prompts(self, prompts, eot):  # (N, L, W), (N,) -> (N, D)
         return self.clip.encode_text_embeddings(prompts, eot, truncate=not self.reference)
 
-    def _encode_chunked(self, build, n):
-        """Text features of n prompts, built and encoded max_prompts_per_chunk at a time."""
-        index = torch.arange(n, device=self.learner.eot.device)
+    def _encode_chunked(self, build, index):
+        """Text features of the prompts build(index chunk) gives, max_prompts_per_chunk at a time."""
         return torch.cat([self._encode_prompts(*build(i)) for i in index.split(self.max_prompts_per_chunk)])
 
     def _prefix_shared(self):
@@ -252,10 +256,9 @@ class PromptedCLIP(nn.Module):
         return (self.shared_prefix and not self.reference and lrn.ctx.dim() == 2
                 and getattr(lrn, "class_token_position", "end") == "end")
 
-    def _encode_prefixed(self, prefix, suffix_of, n):
-        """Features of n prompts that continue `prefix` (G, P, W): suffix_of(indices) gives their
-        suffixes, EOT positions and prefix groups; the prefix goes through the encoder once per chunk."""
-        index = torch.arange(n, device=self.learner.eot.device)
+    def _encode_prefixed(self, prefix, suffix_of, index):
+        """Features of the prompts of `index` that continue `prefix` (G, P, W): suffix_of(index chunk)
+        gives their suffixes, EOT positions and prefix groups; the prefix is encoded once per chunk."""
         return torch.cat([self.clip.encode_text_prefixed(prefix, *suffix_of(i))
                           for i in index.split(self.max_prompts_per_chunk)])
 
@@ -265,13 +268,15 @@ class PromptedCLIP(nn.Module):
         if not self.is_conditional:
             if image_features is not None:
                 raise ValueError("CoOp text features do not depend on images; call text_features()")
+            if self.reference:
+                return self._encode_prompts(lrn(), lrn.eot)                 # (C, L, W) -> (C, D)
+            classes, gather = self.class_shard or (torch.arange(lrn.n_cls, device=lrn.eot.device), None)
             if self._prefix_shared():                                       # one prefix for all classes
                 prefix = torch.cat([lrn.token_prefix[:1], lrn.ctx[None].to(lrn.token_prefix.dtype)], 1)
-                return self._encode_prefixed(prefix, lambda i: (lrn.token_suffix[i], lrn.eot[i], None), lrn.n_cls)
-            prompts = lrn()                                                 # (C, L, W)
-            if self.reference:
-                return self._encode_prompts(prompts, lrn.eot)
-            return self._encode_chunked(lambda i: (prompts[i], lrn.eot[i]), lrn.n_cls)
+                t = self._encode_prefixed(prefix, lambda i: (lrn.token_suffix[i], lrn.eot[i], None), classes)
+            else:
+                t = self._encode_chunked(lambda i: (lrn(i), lrn.eot[i]), classes)
+            return t if gather is None else gather(t)
         if image_features is None or image_features.dim() != 2:
             raise ValueError("CoCoOp text features need image features (B, D), got "
                              f"{None if image_features is None else tuple(image_features.shape)}")
@@ -279,14 +284,13 @@ class PromptedCLIP(nn.Module):
         if self.reference:                                                  # official: one image at a time
             return torch.stack([self._encode_prompts(p, lrn.eot) for p in lrn(f)])
         ctx, C = lrn.shifted_ctx(f), lrn.n_cls                              # (B, M, W)
+        pairs = torch.arange(len(f) * C, device=lrn.eot.device)            # (image, class) = divmod(pair, C)
         if self._prefix_shared():                                           # one prefix per image
             prefix = torch.cat([lrn.token_prefix[:1].expand(len(f), -1, -1), ctx.to(lrn.token_prefix.dtype)], 1)
-            feats = self._encode_prefixed(prefix, lambda i: (lrn.token_suffix[i % C], lrn.eot[i % C], i // C),
-                                          len(f) * C)
-            return feats.view(len(f), C, -1)
-        feats = self._encode_chunked(lambda i: (lrn.pair_prompts(ctx, i // C, i % C), lrn.eot[i % C]),
-                                     len(f) * C)                            # (B * C, D)
-        return feats.view(len(f), C, -1)
+            feats = self._encode_prefixed(prefix, lambda i: (lrn.token_suffix[i % C], lrn.eot[i % C], i // C), pairs)
+        else:
+            feats = self._encode_chunked(lambda i: (lrn.pair_prompts(ctx, i // C, i % C), lrn.eot[i % C]), pairs)
+        return feats.view(len(f), C, -1)                                    # (B, C, D)
 
     def _scale(self):
         return self.clip.logit_scale.detach().float().exp()
@@ -297,8 +301,9 @@ class PromptedCLIP(nn.Module):
             return scale * f @ F.normalize(t.float(), dim=-1).t()
         return torch.stack([scale * f_i @ F.normalize(t_i.float(), dim=-1).t() for f_i, t_i in zip(f, t)])
 
-    def logits_from_features(self, image_features):  # (B, D) -> (B, C) fp32
-        t = self.text_features(image_features if self.is_conditional else None)
+    def logits_from_features(self, image_features, text=None):  # (B, D) -> (B, C) fp32
+        """text: the text features if already computed for these images (else computed here)."""
+        t = self.text_features(image_features if self.is_conditional else None) if text is None else text
         if self.reference:
             return self._reference_logits(image_features, t)
         dtype = torch.promote_types(image_features.dtype, t.dtype)
@@ -312,11 +317,12 @@ class PromptedCLIP(nn.Module):
 
     forward = logits
 
-    def loss(self, images_or_features, labels):
-        """Mean cross-entropy of the scaled cosine logits; images (B, 3, H, W) or features (B, D)."""
+    def loss(self, images_or_features, labels, text=None):
+        """Mean cross-entropy of the scaled cosine logits; images (B, 3, H, W) or features (B, D);
+        text: the text features if already computed (else computed here)."""
         x = images_or_features
         f = self.encode_images(x) if x.dim() == 4 else x
-        t = self.text_features(f if self.is_conditional else None)
+        t = self.text_features(f if self.is_conditional else None) if text is None else text
         if self.reference:
             return F.cross_entropy(self._reference_logits(f, t), labels)
         dtype = torch.promote_types(f.dtype, t.dtype)

@@ -9,6 +9,10 @@ Everything a run writes goes to one folder (DESIGN.md "Run outputs"); files are 
 so a kill never leaves a half-written checkpoint. `--resume` restarts from `state.pt` and continues
 bit for bit: the batch order and each image's augmentation are functions of (seed, epoch, index),
 and the RNG, optimizer, schedule position and metrics file are restored with it.
+
+Under torchrun the same run is data-parallel (coop_min/distributed.py): each process takes its part
+of every global batch, CoOp's classes are sharded for the text encoder, gradients are summed, and
+rank 0 alone writes the run folder; the result equals one process up to float rounding.
 """
 import argparse
 import dataclasses
@@ -23,11 +27,12 @@ from dataclasses import dataclass
 import torch
 
 from coop_min import data as D
+from coop_min import distributed as dist
 from coop_min import evaluate as E
 from coop_min.clip import convert_dtype, load_clip
 from coop_min.prompts import PromptConfig, build_prompted_clip, export_classifier, load_prompt, save_prompt
 from coop_min.templates import templates_for
-from coop_min.transforms import image_transform, train_transform
+from coop_min.transforms import train_transform
 
 DEMO_WEIGHTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "weights", "tiny_clip.safetensors")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -62,6 +67,7 @@ class TrainConfig:
     skip_bad_images: bool = False
     reference_path: bool = False             # the official compute path (slow), for comparison
     shared_prefix: bool = False              # [SOS, ctx] encoded once: less memory, more kernel launches
+    shard_text: bool = True                  # data-parallel CoOp: each process encodes 1/N of the classes
     save_every: int = 0                      # also checkpoint every N steps inside an epoch (0: epoch ends)
     print_every: int = 10
 
@@ -151,6 +157,16 @@ class RunLog:
         return self.metrics.tell()
 
 
+class _QuietLog:
+    """What a rank other than 0 logs: nothing (rank 0 writes the run folder)."""
+
+    def print(self, line):
+        pass
+
+    def record(self, **values):
+        pass
+
+
 def sha256_file(path):
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -205,7 +221,20 @@ def _check_finite(loss, epoch, batch, folder):
                                  f"good checkpoint is kept in {folder} (lower --lr or use --precision fp32)")
 
 
-def train_epochs(cfg, model, dataset, log, folder):
+def _step_loss(model, images, labels, n_global):
+    """This rank's share of a global batch's mean loss, sum(CE) / n_global, and its text features.
+    A rank with no images still encodes its text shard: the gather in it is collective."""
+    if len(labels) == 0:
+        t = None if model.is_conditional else model.text_features()
+        zero = sum(p.sum() for p in model.trainable_parameters()) * 0     # a graph, so backward runs
+        return (zero if t is None else zero + t.sum() * 0), None, None
+    features = model.encode_images(images)
+    t = model.text_features(features if model.is_conditional else None)
+    loss = model.loss(features, labels, text=t)
+    return loss * (len(labels) / n_global), features, t
+
+
+def train_epochs(cfg, model, dataset, log, folder, world=dist.World()):
     """The SGD loop over epochs, resuming where state.pt left off; returns the number of steps run."""
     opt = torch.optim.SGD(model.trainable_parameters(), lr=cfg.lr, momentum=cfg.momentum,
                           weight_decay=cfg.weight_decay)
@@ -221,30 +250,35 @@ def train_epochs(cfg, model, dataset, log, folder):
             group["lr"] = lr
         loader = D.make_loader(dataset, cfg.batch_size, seed=cfg.seed, epoch=epoch,
                                start_batch=start_batch, num_workers=cfg.workers,
-                               pin_memory=cfg.device.startswith("cuda"))
+                               pin_memory=cfg.device.startswith("cuda"), rank=world.rank, world_size=world.size)
         n_batches, t0, seen = len(loader) + start_batch, time.time(), 0
         model.train()
         for batch, (images, labels) in enumerate(loader, start=start_batch):
             images, labels = images.to(cfg.device, non_blocking=True), labels.to(cfg.device, non_blocking=True)
-            features = model.encode_images(images)
-            loss = model.loss(features, labels)
+            n_global = dist.all_reduce_sum(torch.tensor(float(len(labels)), device=cfg.device))
+            loss, features, t = _step_loss(model, images, labels, n_global)
             _check_finite(loss, epoch, batch, folder)
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            dist.all_reduce_grads(model.trainable_parameters())
             opt.step()
-            steps, seen = steps + 1, seen + len(labels)
+            steps, seen = steps + 1, seen + int(n_global)
             if (batch + 1) % cfg.print_every == 0 or batch + 1 == n_batches:
                 with torch.no_grad():
-                    acc = 100.0 * float((model.logits_from_features(features).argmax(-1) == labels).float().mean())
+                    correct = torch.zeros((), device=cfg.device) if t is None else \
+                        (model.logits_from_features(features, text=t).argmax(-1) == labels).sum().float()
+                    global_loss, correct = dist.all_reduce_sum(torch.stack([loss.detach().float(), correct])).tolist()
+                acc = 100.0 * correct / float(n_global)
                 rate = seen / max(time.time() - t0, 1e-9)
                 left = ((cfg.epochs - epoch) * n_batches - batch - 1) * cfg.batch_size / rate
-                log.print(f"epoch {epoch + 1}/{cfg.epochs} batch {batch + 1}/{n_batches} loss {loss.item():.4f} "
+                log.print(f"epoch {epoch + 1}/{cfg.epochs} batch {batch + 1}/{n_batches} loss {global_loss:.4f} "
                           f"acc {acc:.1f}% lr {lr:.3e} {rate:.1f} img/s eta {left / 60:.1f} min")
-                log.record(epoch=epoch + 1, batch=batch + 1, loss=round(loss.item(), 6), acc=round(acc, 4), lr=lr)
-            if cfg.save_every and (batch + 1) % cfg.save_every == 0 and batch + 1 < n_batches:
+                log.record(epoch=epoch + 1, batch=batch + 1, loss=round(global_loss, 6), acc=round(acc, 4), lr=lr)
+            if world.main and cfg.save_every and (batch + 1) % cfg.save_every == 0 and batch + 1 < n_batches:
                 _save_state(folder, model, opt, epoch, batch + 1, log)
         start_batch = 0
-        _save_state(folder, model, opt, epoch + 1, 0, log)
+        if world.main:
+            _save_state(folder, model, opt, epoch + 1, 0, log)
     return steps
 
 
@@ -255,18 +289,18 @@ def _data_root(cfg):
     return materialize_demo(os.path.join(os.path.expanduser("~"), ".cache", "coop_min"))
 
 
-def _few_shot_splits(cfg, splits, folder):
-    """The few-shot train/val sets, cached in the run folder (split.json) so the run can be repeated."""
+def _few_shot_splits(cfg, splits, folder, world):
+    """The few-shot train/val sets, cached in the run folder (split.json) so the run can be repeated;
+    rank 0 samples and writes them, the other ranks read its file."""
     cache = os.path.join(folder, "split.json")
-    if os.path.exists(cache):
-        return D.load_split(cache)
-    few = D.few_shot(splits, cfg.shots, cfg.seed)
-    D.save_split(cache, few)
-    return few
+    if world.main and not os.path.exists(cache):
+        D.save_split(cache, D.few_shot(splits, cfg.shots, cfg.seed))
+    dist.barrier(world)
+    return D.load_split(cache)
 
 
-def _start_folder(cfg, folder):
-    os.makedirs(folder, exist_ok=True)
+def _start_folder(cfg, folder, world):
+    """Check the run folder on every rank (so each fails with the same line), then rank 0 prepares it."""
     config_path, state_path = os.path.join(folder, "config.json"), os.path.join(folder, "state.pt")
     settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "resume"}
     if cfg.resume:
@@ -274,78 +308,103 @@ def _start_folder(cfg, folder):
             raise SystemExit(f"error: --resume but {state_path} does not exist; start without --resume")
         with open(config_path) as f:
             saved = {k: v for k, v in json.load(f).items() if k != "resume"}
-        changed = sorted(k for k in settings if saved.get(k) != settings[k] and k not in ("workers", "print_every", "device"))
+        changed = sorted(k for k in settings if saved.get(k) != settings[k] and k not in ("workers", "print_every", "device", "shard_text"))
         if changed:
             raise SystemExit(f"error: --resume with different settings ({', '.join(changed)}); use the run's "
                              f"settings or another --output")
     elif os.path.exists(state_path) or os.path.exists(os.path.join(folder, "results.json")):
         raise SystemExit(f"error: {folder} already holds a run; pass --resume to continue it or --output for a new one")
-    else:
+    dist.barrier(world)                      # every rank has checked before rank 0 changes anything
+    if world.main:
+        os.makedirs(folder, exist_ok=True)
         for name in ("log.txt", "metrics.jsonl"):
-            if os.path.exists(os.path.join(folder, name)):
+            if not cfg.resume and os.path.exists(os.path.join(folder, name)):
                 os.remove(os.path.join(folder, name))
-    _write_json(config_path, {**settings, "resume": cfg.resume})
+        _write_json(config_path, {**settings, "resume": cfg.resume})
+    dist.barrier(world)
 
 
-def _evaluate_classes(cfg, clip, model, splits, res):
-    """Test-split metrics of the learned prompts and of zero-shot CLIP on the same image features."""
-    dataset = D.ImageDataset(splits.test, image_transform(res), skip_bad=cfg.skip_bad_images)
-    loader = D.make_loader(dataset, cfg.eval_batch_size, shuffle=False, drop_last=False,
-                           num_workers=cfg.workers, pin_memory=cfg.device.startswith("cuda"))
-    feats, labels = E.extract_features(clip, loader, cfg.device)
-    learned = E.compute_metrics(E.predict_prompted(model, feats).cpu(), labels.cpu(), splits.classnames)
+def _evaluate_classes(cfg, clip, model, splits, world):
+    """Test-split metrics of the learned prompts and of zero-shot CLIP on the same image features;
+    each rank scores its part of the test set and the predictions are gathered (exact)."""
+    feats, labels = E.split_features(clip, splits.test, cfg.eval_batch_size, cfg.device, cfg.workers,
+                                     cfg.skip_bad_images, world)
     weights = E.zero_shot_weights(clip, splits.classnames, templates_for(splits.name), cfg.device)
-    zero_shot = E.compute_metrics(E.predict_zero_shot(feats, weights).cpu(), labels.cpu(), splits.classnames)
-    return learned, zero_shot
+    learned, zero_shot, labels = (dist.all_gather_cat(x) for x in (
+        E.predict_prompted(model, feats), E.predict_zero_shot(feats, weights), labels))
+    return (E.compute_metrics(learned.cpu(), labels.cpu(), splits.classnames),
+            E.compute_metrics(zero_shot.cpu(), labels.cpu(), splits.classnames))
+
+
+def _shard_classes(model, cfg, world):
+    """Data-parallel CoOp: this rank encodes its part of the classes, the features are gathered."""
+    if world.size == 1 or model.is_conditional or cfg.reference_path or not cfg.shard_text:
+        return
+    lo, hi = dist.split(model.learner.n_cls, world)
+    sizes = dist.part_sizes(model.learner.n_cls, world)
+    model.class_shard = (torch.arange(lo, hi, device=cfg.device), lambda t: dist.gather_cat(t, sizes))
 
 
 def run(cfg: TrainConfig):
-    """Train, evaluate on the test split, write every run output; returns the results dict."""
+    """Train, evaluate on the test split, write every run output; returns the results dict.
+    Under torchrun: data-parallel, and rank 0 writes (every rank returns the same results)."""
     root = _data_root(cfg)
     splits = D.load_dataset(root, cfg.dataset)
     cfg = resolve(cfg, splits.name)
+    world, device = dist.setup(cfg.device)
     folder = cfg.output
-    _start_folder(cfg, folder)
-    log = RunLog(folder, torch.load(os.path.join(folder, "state.pt"), weights_only=True)["metrics_bytes"]
-                 if cfg.resume else None)
+    _start_folder(cfg, folder, world)
+    cfg.device = device
+    log = _QuietLog() if not world.main else RunLog(
+        folder, torch.load(os.path.join(folder, "state.pt"), weights_only=True)["metrics_bytes"] if cfg.resume else None)
     torch.manual_seed(cfg.seed)
-    few = _few_shot_splits(cfg, splits, folder)
+    few = _few_shot_splits(cfg, splits, folder, world)
     train_split = D.subsample_classes(few, cfg.subsample)
     clip, clip_sha = _clip_and_sha(cfg)
     prompt_cfg = PromptConfig(method=cfg.method, n_ctx=cfg.n_ctx, ctx_init=cfg.ctx_init, csc=cfg.csc,
                               class_token_position=cfg.class_token_position)
     model = build_prompted_clip(clip, train_split.classnames, prompt_cfg, seed=cfg.seed, reference=cfg.reference_path,
                                 shared_prefix=cfg.shared_prefix)
+    _shard_classes(model, cfg, world)
     res = clip.visual.input_resolution
+    parallel = "" if world.size == 1 else (f" across {world.size} processes" +
+                                           (", classes sharded" if model.class_shard else ""))
     log.print(f"{cfg.method} on {splits.name} ({root}): {len(train_split.classnames)} classes ({cfg.subsample}), "
               f"{cfg.shots} shots, {len(train_split.train)} training images, {cfg.epochs} epochs, batch "
-              f"{cfg.batch_size}, {cfg.precision} on {cfg.device}, {sum(p.numel() for p in model.trainable_parameters())} "
-              f"trainable parameters -> {folder}")
+              f"{cfg.batch_size}, {cfg.precision} on {cfg.device}{parallel}, "
+              f"{sum(p.numel() for p in model.trainable_parameters())} trainable parameters -> {folder}")
+    if cfg.batch_size < world.size:
+        log.print(f"warning: batch {cfg.batch_size} < {world.size} processes: some processes idle at every step; "
+                  f"pass --batch-size {world.size} or more (the global batch) to use them all")
     dataset = D.ImageDataset(train_split.train, train_transform(res), train=True, seed=cfg.seed,
                              cache_decoded=len(train_split.train) <= 20000, skip_bad=cfg.skip_bad_images)
     t0 = time.time()
-    train_epochs(cfg, model, dataset, log, folder)
+    train_epochs(cfg, model, dataset, log, folder, world)
     log.print(f"finished training in {(time.time() - t0) / 60:.1f} min")
 
+    model.class_shard = None                 # evaluation shards images, not classes
     prompt_path = os.path.join(folder, "prompt.safetensors")
-    save_prompt(prompt_path, model, clip_sha)
-    if not model.is_conditional:
-        export_classifier(os.path.join(folder, "classifier.safetensors"), model, clip_sha)
+    if world.main:
+        save_prompt(prompt_path, model, clip_sha)
+        if not model.is_conditional:
+            export_classifier(os.path.join(folder, "classifier.safetensors"), model, clip_sha)
+    dist.barrier(world)                      # the prompt file is written before any rank reads it
     model.eval()
-    learned, zero_shot = _evaluate_classes(cfg, clip, model, train_split, res)
+    learned, zero_shot = _evaluate_classes(cfg, clip, model, train_split, world)
     results = {**learned, "dataset": splits.name, "method": cfg.method, "shots": cfg.shots, "seed": cfg.seed,
                "subsample": cfg.subsample, "zero_shot": zero_shot}
     rows = [(f"zero-shot CLIP ({cfg.subsample})", zero_shot), (f"{cfg.method} ({cfg.subsample})", learned)]
     if cfg.subsample == "base" and not cfg.csc:
         new_split = D.subsample_classes(few, "new")
         new_model = load_prompt(prompt_path, clip, new_split.classnames, clip_sha)
-        new, new_zero_shot = _evaluate_classes(cfg, clip, new_model, new_split, res)
+        new, new_zero_shot = _evaluate_classes(cfg, clip, new_model, new_split, world)
         results.update(base=learned["accuracy"], new=new["accuracy"],
                        harmonic_mean=E.harmonic_mean(learned["accuracy"], new["accuracy"]),
                        new_metrics=new, zero_shot_new=new_zero_shot,
                        zero_shot_harmonic_mean=E.harmonic_mean(zero_shot["accuracy"], new_zero_shot["accuracy"]))
         rows += [("zero-shot CLIP (new)", new_zero_shot), (f"{cfg.method} (new)", new)]
-    _write_json(os.path.join(folder, "results.json"), results)
+    if world.main:
+        _write_json(os.path.join(folder, "results.json"), results)
     log.print(E.format_table(rows, f"test accuracy, {splits.name}, {cfg.shots} shots, seed {cfg.seed}"))
     if "harmonic_mean" in results:
         log.print(f"base {results['base']:.2f}  new {results['new']:.2f}  H {results['harmonic_mean']:.2f}"
@@ -386,6 +445,8 @@ def parse_args(argv=None) -> TrainConfig:
     a("--reference-path", action="store_true", help="use the official compute path (slow; for comparison)")
     a("--shared-prefix", action="store_true",
       help="encode [SOS, ctx] once for all classes (UC, end; CoCoOp): less memory at many classes, more launches")
+    a("--no-shard-text", dest="shard_text", action="store_false",
+      help="under torchrun, CoOp: every process encodes all classes (default: each encodes 1/N of them)")
     a("--save-every", type=int, default=0, help="also checkpoint every N steps inside an epoch")
     a("--print-every", type=int, default=10, help="progress line every N steps (default 10)")
     args = p.parse_args(argv)

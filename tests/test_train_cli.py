@@ -5,33 +5,21 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
-from dataclasses import asdict
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from coop_min.clip import CLIP, CLIPConfig
-from coop_min.demo import write_benchmark
-
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+from conftest import ENV, cli
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("e2e")
-    torch.manual_seed(0)
-    config = CLIPConfig(64, 32, 1, 64, 8, 2, 77, 49408, 64, 2, 1)
-    weights = root / "clip.safetensors"
-    save_file({k: v.contiguous() for k, v in CLIP(config).state_dict().items()}, str(weights),
-              metadata={"config": json.dumps(asdict(config))})
-    return {"data": str(write_benchmark(root)), "weights": str(weights), "root": root}
+def setup(e2e_setup):
+    return e2e_setup
 
 
-def _cmd(module, setup, *args):
-    return [sys.executable, "-m", module, "--data", setup["data"], "--weights", setup["weights"], "--workers", "0", *args]
+_cmd = cli
 
 
 def _train(setup, out, *args):

@@ -1,0 +1,33 @@
+"""Fixtures shared by the end-to-end tests: the demo benchmark on disk and a small random-init CLIP."""
+import json
+import os
+import sys
+from dataclasses import asdict
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from coop_min.clip import CLIP, CLIPConfig
+from coop_min.demo import write_benchmark
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+@pytest.fixture(scope="session")
+def e2e_setup(tmp_path_factory):
+    """{"data": demo benchmark folder, "weights": a 1-layer width-64 CLIP, "root": a scratch folder}."""
+    root = tmp_path_factory.mktemp("e2e")
+    torch.manual_seed(0)
+    config = CLIPConfig(64, 32, 1, 64, 8, 2, 77, 49408, 64, 2, 1)
+    weights = root / "clip.safetensors"
+    save_file({k: v.contiguous() for k, v in CLIP(config).state_dict().items()}, str(weights),
+              metadata={"config": json.dumps(asdict(config))})
+    return {"data": str(write_benchmark(root)), "weights": str(weights), "root": root}
+
+
+def cli(module, setup, *args, nproc=1):
+    """The command line of `python -m module` on the e2e setup; nproc > 1 launches it with torchrun."""
+    launch = [sys.executable, "-m"] if nproc == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), "-m"]
+    return [*launch, module, "--data", setup["data"], "--weights", setup["weights"], "--workers", "0", *args]
