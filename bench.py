@@ -24,10 +24,18 @@ timed after a warm-up as the median of N steps, each bracketed by CUDA events an
 (the official trainer syncs every step too: loss.item()). Peak memory is that path alone: its CLIP
 weights plus the most it allocated during the case (torch.cuda.max_memory_allocated, reset per
 method). A case that runs out of memory reports OOM. The process exits 1 if a check failed.
+
+`--distributed` measures data-parallel CoOp (coop_min/distributed.py) instead of the cases above:
+- a per-rank cost model on one device: the text encoder's forward and backward over the 1/N of the
+  classes that one of N ranks encodes, at 1k, 10k and 21k classes (ms, peak memory per rank);
+- scaling, where there are several GPUs (or `--device cpu`, with gloo): N processes each take
+  their part of a global batch of 32 and run whole CoOp train steps (image encoder, sharded text
+  encoder, all-gather, fused head, gradient all-reduce, SGD); steps/s for each N.
 """
 import argparse
 import gc
 import json
+import os
 import random
 import statistics
 import sys
@@ -40,6 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from coop_min import distributed as dist
 from coop_min.clip import CLIP, CLIPConfig, ModifiedResNet, convert_dtype
 from coop_min.kernels.cosine_ce import (cosine_ce, cosine_ce_reference, cosine_logits,
                                         use_triton)
@@ -502,6 +511,115 @@ def _copy_gbps(device):
 
 
 # ----------------------------------------------------------------------------------------------
+# --distributed: data-parallel CoOp
+
+
+def _coop_model(clip, classes, device):
+    learner = CoOpPromptLearner(clip, _classnames(classes), PromptConfig(method="coop", n_ctx=16, ctx_init=""))
+    return PromptedCLIP(clip, learner.to(device)).train()
+
+
+def _shard_cost(args, device):
+    """Per-rank cost of the sharded text encoder on one device: rank 0 of N encodes ceil(C / N) classes."""
+    config = ARCHS["vit_tiny" if args.smoke else "vit_b16"]
+    torch.manual_seed(0)
+    clip = convert_dtype(CLIP(config).eval().requires_grad_(False).to(device), args.ours_dtype)
+    rows = []
+    for C in ((20, 50) if args.smoke else (1000, 10000, 21000)):
+        model = _coop_model(clip, C, device)
+        for N in ((1, 2) if args.smoke else (1, 2, 4, 8)):
+            shard = torch.arange(dist.part_sizes(C, dist.World(0, N))[0], device=device)
+            model.class_shard = (shard, lambda t: t)                     # one rank alone: no gather
+            step = _sgd_step(lambda: model.text_features().float().square().mean(), model.trainable_parameters())
+            r = _run(lambda: step, device, args.warmup, args.repeats or (2 if args.smoke else 5), _nbytes(clip))
+            rows.append({"classes": C, "world": N, "classes_per_rank": len(shard), **r})
+            print(f"    text encoder, {C} classes, rank of {N}: {_fmt(r.get('ms'), '.1f')} ms, "
+                  f"{_fmt(r.get('peak_gib'), '.2f')} GiB{' ' + r['error'] if 'error' in r else ''}", flush=True)
+        model = None
+        _free(device)
+    return rows
+
+
+def _scaling_worker(rank, world_size, port, args, out):
+    """One rank of a data-parallel CoOp run: the same steps as coop_min.train, timed on rank 0."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1 if args.device == "cpu" else torch.get_num_threads())
+    world, dev = dist.setup(args.device)
+    device = torch.device(dev)
+    torch.manual_seed(0)
+    config = ARCHS["vit_tiny" if args.smoke else "vit_b16"]
+    clip = convert_dtype(CLIP(config).eval().requires_grad_(False).to(device), args.ours_dtype)
+    model = _coop_model(clip, args.scaling_classes, device)
+    lo, hi = dist.split(model.learner.n_cls, world)
+    sizes = dist.part_sizes(model.learner.n_cls, world)
+    model.class_shard = (torch.arange(lo, hi, device=device), lambda t: dist.gather_cat(t, sizes))
+    g = torch.Generator().manual_seed(1)
+    B = 32
+    images = torch.randn(B, 3, config.image_resolution, config.image_resolution, generator=g).to(device)
+    labels = torch.randint(0, args.scaling_classes, (B,), generator=g).to(device)
+    lo_b, hi_b = dist.split(B, world)
+    optimizer = torch.optim.SGD(model.trainable_parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+
+    def step():
+        loss = model.loss(images[lo_b:hi_b], labels[lo_b:hi_b]) * ((hi_b - lo_b) / B)
+        optimizer.zero_grad()
+        loss.backward()
+        dist.all_reduce_grads(model.trainable_parameters())
+        optimizer.step()
+        dist.barrier(world)                                              # a step ends when every rank's ends
+    ms = _time_ms(step, device, args.warmup, args.repeats or (3 if args.smoke else 20))
+    if world.main:
+        with open(out, "w") as f:
+            json.dump({"world": world_size, "ms": ms}, f)
+    if world.size > 1:
+        torch.distributed.destroy_process_group()
+
+
+def _scaling(args, device):
+    """Steps/s of data-parallel CoOp for N = 1, 2, 4, 8 processes (as many as there are GPUs)."""
+    import socket
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    available = torch.cuda.device_count() if device.type == "cuda" else 2
+    worlds = [n for n in (1, 2, 4, 8) if n <= available]
+    if len(worlds) < 2:
+        print("    one GPU: no scaling to measure (the cost model above is the per-rank estimate)", flush=True)
+        return []
+    args.scaling_classes = 50 if args.smoke else 1000
+    rows = []
+    for n in worlds:
+        with socket.socket() as s, tempfile.TemporaryDirectory() as tmp:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+            s.close()
+            out = os.path.join(tmp, "rank0.json")
+            mp.start_processes(_scaling_worker, args=(n, port, args, out), nprocs=n, start_method="spawn")
+            with open(out) as f:
+                r = json.load(f)
+        r.update(classes=args.scaling_classes, global_batch=32, steps_per_s=1e3 / r["ms"])
+        r["speedup"] = rows[0]["ms"] / r["ms"] if rows else 1.0
+        rows.append(r)
+        print(f"    {n} process{'es' if n > 1 else ''}: {r['ms']:.1f} ms/step, {r['steps_per_s']:.2f} steps/s, "
+              f"{r['speedup']:.2f}x", flush=True)
+    return rows
+
+
+def _distributed(args, device, env):
+    print("per-rank cost of the sharded CoOp text encoder (forward + backward, one device):", flush=True)
+    report = {"environment": env, "shard_cost": _shard_cost(args, device)}
+    print(f"data-parallel CoOp train steps ({'gloo' if device.type == 'cpu' else 'nccl'}):", flush=True)
+    report["scaling"] = _scaling(args, device)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(report, fh, indent=1)
+    failed = [r for r in report["shard_cost"] if r.get("error", "OOM") != "OOM"]
+    return 1 if failed else 0
+
+
+# ----------------------------------------------------------------------------------------------
 # reporting
 
 
@@ -597,6 +715,8 @@ def _parse(argv):
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile of the head twin (smoke skips it)")
     p.add_argument("--shared-prefix", action="store_true", help="ours with the shared-prefix text path (less memory, more launches)")
     p.add_argument("--list", action="store_true", help="print the selected case names and exit")
+    p.add_argument("--distributed", action="store_true",
+                   help="data-parallel CoOp instead: per-rank text cost at 1k/10k/21k classes, scaling over GPUs")
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         p.exit(2, "bench.py: error: --device cuda but torch sees no CUDA GPU; use --device cpu\n")
@@ -630,7 +750,9 @@ def main(argv=None):
     env = _environment(device, args)
     print(f"bench: {env['device']}, torch {env['torch']}, triton {env['triton']}, official {args.official_dtype}, "
           f"ours {args.ours_dtype}, fused head: {env['fused_head']}, copy {args.copy_gbps:.0f} GB/s, "
-          f"{len(args.selected)} cases", flush=True)
+          f"{0 if args.distributed else len(args.selected)} cases", flush=True)
+    if args.distributed:
+        return _distributed(args, device, env)
     results, models = [], None
     for i, case in enumerate(args.selected, 1):
         print(f"[{i}/{len(args.selected)}] {case.name}", flush=True)

@@ -96,3 +96,17 @@ def test_official_fp16_conversion_follows_openai_convert_weights():
     for n in ("visual.conv1.weight", "visual.attnpool.q_proj.bias", "transformer.resblocks.0.attn.in_proj_weight",
               "transformer.resblocks.0.attn.out_proj.weight", "text_projection"):
         assert n in half
+
+
+def test_distributed_smoke_reports_shard_cost_and_two_process_scaling(tmp_path):
+    out = tmp_path / "dist.json"
+    run = subprocess.run([sys.executable, "bench.py", "--device", "cpu", "--smoke", "--distributed", "--json", str(out)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=180, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    report = json.loads(out.read_text())
+    cost = {(r["classes"], r["world"]): r for r in report["shard_cost"]}
+    assert set(cost) == {(20, 1), (20, 2), (50, 1), (50, 2)}
+    assert [cost[50, n]["classes_per_rank"] for n in (1, 2)] == [50, 25]
+    assert all(_finite(r["ms"]) and r["ms"] > 0 for r in cost.values())
+    assert [r["world"] for r in report["scaling"]] == [1, 2]
+    assert all(_finite(r["steps_per_s"]) for r in report["scaling"])
