@@ -11,8 +11,11 @@ for both paths:
   the head as normalise / logit_scale.exp() * f @ t.T / F.cross_entropy, and no torch.no_grad
   around the frozen image encoder (its parameters do not require grad).
 - ours: coop_min.prompts.PromptedCLIP's fast path on a bf16 CLIP with fp32 LayerNorm, fp32 context
-  and Meta-Net, the image encoder under no_grad, EOT truncation, shared [SOS, ctx] prefixes, batched
-  CoCoOp and the fused cosine_ce head (kernels/cosine_ce.py).
+  and Meta-Net, the image encoder under no_grad, EOT truncation, batched CoCoOp, the fused cosine_ce
+  head (kernels/cosine_ce.py), and with --shared-prefix the shared [SOS, ctx] prefixes.
+- graph (CUDA train steps; off with --no-cuda-graph): ours with the whole step -- forward, backward,
+  SGD update -- captured once as a CUDA graph and replayed (coop_min/cuda_graph.py, train.py
+  --cuda-graph), which removes the launch and Python cost that bounds these steps.
 On CPU both paths compute in fp32.
 
 Cases: CoOp train steps (batch 32, M=16) at 10/100/1000 classes for ViT-B/16 and RN50, CoCoOp train
@@ -50,6 +53,7 @@ from torch import nn
 
 from coop_min import distributed as dist
 from coop_min.clip import CLIP, CLIPConfig, ModifiedResNet, convert_dtype
+from coop_min.cuda_graph import TrainStep
 from coop_min.kernels.cosine_ce import (cosine_ce, cosine_ce_reference, cosine_logits,
                                         use_triton)
 from coop_min.prompts import CoCoOpPromptLearner, CoOpPromptLearner, PromptConfig, PromptedCLIP
@@ -424,7 +428,7 @@ def _train_case(case, models, device, args):
         loss = _official_cocoop_loss if cocoop else _official_coop_loss
         return _sgd_step(lambda: loss(models.official, learner, images, labels), list(learner.parameters()))
 
-    def ours():
+    def ours(cuda_graph=False):
         config = PromptConfig(method=case.kind, n_ctx=case.n_ctx, ctx_init="")
         learner = (CoCoOpPromptLearner if cocoop else CoOpPromptLearner)(models.ours, names, config)
         with torch.no_grad():
@@ -432,10 +436,18 @@ def _train_case(case, models, device, args):
         if cocoop:
             learner.meta_net.load_state_dict(meta_state)
         model = PromptedCLIP(models.ours, learner, shared_prefix=args.shared_prefix).train()
-        return _sgd_step(lambda: model.loss(images, labels), model.trainable_parameters())
+        if not cuda_graph:
+            return _sgd_step(lambda: model.loss(images, labels), model.trainable_parameters())
+        optimizer = torch.optim.SGD(model.trainable_parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+        step = TrainStep(lambda x, y: (model.loss(x, y),), optimizer, cuda_graph=True)   # 2 eager warm-up calls
+        return lambda: step(images, labels)[0]
 
-    return {"official": _run(official, device, args.warmup, case.repeats, models.official_bytes),
-            "ours": _run(ours, device, args.warmup, case.repeats, models.ours_bytes)}
+    methods = {"official": _run(official, device, args.warmup, case.repeats, models.official_bytes),
+               "ours": _run(ours, device, args.warmup, case.repeats, models.ours_bytes)}
+    if args.cuda_graph:
+        methods["graph"] = _run(lambda: ours(cuda_graph=True), device, max(args.warmup, 3), case.repeats,
+                                models.ours_bytes)
+    return methods
 
 
 def _zeroshot_case(case, models, device, args):
@@ -634,6 +646,9 @@ def _summarise(case, methods):
     else:
         base, new = methods["official"], methods["ours"]
         res["speedup"] = _ratio(ms["official"], ms["ours"])
+        if "graph" in methods:
+            res["speedup_graph"] = _ratio(ms["official"], ms["graph"])
+            res["memory_ratio_graph"] = _ratio(base.get("peak_gib"), methods["graph"].get("peak_gib"))
         res["memory_ratio"] = _ratio(base.get("peak_gib"), new.get("peak_gib"))
         for r in methods.values():
             if "ms" in r:
@@ -663,13 +678,14 @@ def _row(r):
                 _fmt(r["speedup_vs_eager"], ".2f", "x"), _fmt(r["speedup_vs_compile"], ".2f", "x"),
                 get("fused", "gbps", ".1f"), get("fused", "bandwidth_fraction", ".0%"), diff)
     return (r["case"], get("official", "ms", ".1f"), get("ours", "ms", ".1f"), _fmt(r["speedup"], ".2f", "x"),
+            get("graph", "ms", ".1f"), _fmt(r.get("speedup_graph"), ".2f", "x"),
             get("official", "images_per_s", ".0f"), get("ours", "images_per_s", ".0f"),
             get("official", "peak_gib", ".2f"), get("ours", "peak_gib", ".2f"), _fmt(r["memory_ratio"], ".1f", "x"),
-            diff)
+            get("graph", "peak_gib", ".2f"), diff)
 
 
-_HEADERS = {"train": ("case", "official ms", "ours ms", "speedup", "off img/s", "ours img/s", "off GiB",
-                      "ours GiB", "mem ratio", "loss diff"),
+_HEADERS = {"train": ("case", "official ms", "ours ms", "speedup", "graph ms", "graph speedup", "off img/s",
+                      "ours img/s", "off GiB", "ours GiB", "mem ratio", "graph GiB", "loss diff"),
             "head": ("head case", "fused ms", "eager ms", "compile ms", "vs eager", "vs compile", "fused GB/s",
                      "of copy bw", "loss diff")}
 
@@ -715,6 +731,8 @@ def _parse(argv):
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile of the head twin (smoke skips it)")
     p.add_argument("--shared-prefix", action="store_true", help="ours with the shared-prefix text path (less memory, more launches)")
     p.add_argument("--list", action="store_true", help="print the selected case names and exit")
+    p.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false",
+                   help="skip the third train-step method, ours replayed from a CUDA graph (CUDA only)")
     p.add_argument("--distributed", action="store_true",
                    help="data-parallel CoOp instead: per-rank text cost at 1k/10k/21k classes, scaling over GPUs")
     args = p.parse_args(argv)
@@ -732,6 +750,7 @@ def _parse(argv):
     if args.warmup is None:
         args.warmup = 1 if args.smoke else 3
     args.no_compile = args.no_compile or args.smoke   # inductor's first compile takes longer than CI allows
+    args.cuda_graph = args.cuda_graph and args.device == "cuda"
     gpu = args.device == "cuda"
     args.official_dtype = torch.float16 if gpu else torch.float32   # CPU: both paths in fp32
     args.ours_dtype = torch.bfloat16 if gpu else torch.float32

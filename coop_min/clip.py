@@ -293,32 +293,37 @@ class CLIP(nn.Module):
         eot = tokens.argmax(dim=-1)                 # EOT (49407) is the largest id in the vocabulary
         return self.encode_text_embeddings(self.token_embedding(tokens), eot, truncate=truncate)
 
-    def encode_text_embeddings(self, x, eot, truncate=True):
+    def encode_text_embeddings(self, x, eot, truncate=True, length=None):
         """Text features from token embeddings x (N, L, W) and EOT positions eot (N,) -> (N, D).
 
         With truncate=True the sequence is cut after the last EOT (exact, see the module docstring);
-        truncate=False runs all L positions as OpenAI does (the reference path).
+        truncate=False runs all L positions as OpenAI does (the reference path). length: where to cut
+        (any value > max(eot)), when the caller knows it on the host; else max(eot) + 1 is read from
+        the device (a sync, which a CUDA graph cannot capture).
         """
         if truncate:
-            x = x[:, : int(eot.max()) + 1]
+            x = x[:, : int(eot.max()) + 1 if length is None else length]
         L = x.shape[1]
         x = x.to(self.dtype) + self.positional_embedding[:L].to(self.dtype)
         x = self.transformer(x, causal=True)
         x = x[torch.arange(x.shape[0], device=x.device), eot]               # (N, W): only EOT rows
         return self.ln_final(x) @ self.text_projection.to(x.dtype)
 
-    def encode_text_prefixed(self, prefix, suffix, eot, group=None):
+    def encode_text_prefixed(self, prefix, suffix, eot, group=None, length=None):
         """Text features of sequences that share prefixes: [prefix[group[n]], suffix[n]] -> (N, D).
 
         prefix (G, P, W) and suffix (N, S, W) are token embeddings; eot (N,) are EOT positions in the
         full sequence (>= P); group (N,) picks each row's prefix (None: G == 1). Each prefix goes
         through the transformer once and every suffix attends to its cached keys/values, so the
         prefix costs G passes instead of N. Exact: the causal prefix never sees the suffix.
+        length: as in encode_text_embeddings (given, the EOT positions are the caller's to check).
         """
         P = prefix.shape[1]
-        if int(eot.min()) < P:
-            raise ValueError(f"an EOT position ({int(eot.min())}) lies inside the shared prefix of length {P}")
-        S = int(eot.max()) + 1 - P                                           # EOT truncation
+        if length is None:
+            if int(eot.min()) < P:
+                raise ValueError(f"an EOT position ({int(eot.min())}) lies inside the shared prefix of length {P}")
+            length = int(eot.max()) + 1
+        S = length - P                                                       # EOT truncation
         pos = self.positional_embedding.to(self.dtype)
         _, kvs = self.transformer(prefix.to(self.dtype) + pos[:P], causal=True, return_kvs=True)
         x = self.transformer(suffix[:, :S].to(self.dtype) + pos[P:P + S], prefix_kvs=kvs, group=group)

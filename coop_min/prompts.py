@@ -127,6 +127,7 @@ class _PromptLearner(nn.Module):
         if config.ctx_init and not (tokens[:, 1:1 + M] == torch.tensor(encode(prompt_prefix))).all():
             raise ValueError(f"ctx_init={config.ctx_init!r} tokenizes differently when followed by a class "
                              "name; end it with a word, not punctuation")
+        self.eot_max = int(tokens.argmax(dim=-1).max())                     # on the host: no sync per step
         tokens = tokens.to(device)                                          # (C, L)
         with torch.no_grad():
             embedding = clip.token_embedding(tokens)                        # (C, L, W), CLIP dtype
@@ -200,9 +201,9 @@ class CoCoOpPromptLearner(_PromptLearner):
                           self.token_suffix.expand(B, -1, -1, -1)], dim=2)
 
     def pair_prompts(self, ctx, image_idx, class_idx):
-        """Prompts of (image, class) pairs, cut after their last EOT: shifted ctx (B, M, W),
-        indices (N,) -> (N, max EOT + 1, W)."""
-        length = int(self.eot[class_idx].max()) + 1
+        """Prompts of (image, class) pairs, cut after the last EOT of any class: shifted ctx (B, M, W),
+        indices (N,) -> (N, eot_max + 1, W)."""
+        length = self.eot_max + 1
         return torch.cat([self.token_prefix[class_idx], ctx[image_idx].to(self.token_prefix.dtype),
                           self.token_suffix[class_idx, :length - 1 - self.n_ctx]], dim=1)
 
@@ -245,7 +246,8 @@ class PromptedCLIP(nn.Module):
         return self.clip.encode_image(images)
 
     def _encode_prompts(self, prompts, eot):  # (N, L, W), (N,) -> (N, D)
-        return self.clip.encode_text_embeddings(prompts, eot, truncate=not self.reference)
+        return self.clip.encode_text_embeddings(prompts, eot, truncate=not self.reference,
+                                                length=self.learner.eot_max + 1)
 
     def _encode_chunked(self, build, index):
         """Text features of the prompts build(index chunk) gives, max_prompts_per_chunk at a time."""
@@ -259,7 +261,7 @@ class PromptedCLIP(nn.Module):
     def _encode_prefixed(self, prefix, suffix_of, index):
         """Features of the prompts of `index` that continue `prefix` (G, P, W): suffix_of(index chunk)
         gives their suffixes, EOT positions and prefix groups; the prefix is encoded once per chunk."""
-        return torch.cat([self.clip.encode_text_prefixed(prefix, *suffix_of(i))
+        return torch.cat([self.clip.encode_text_prefixed(prefix, *suffix_of(i), length=self.learner.eot_max + 1)
                           for i in index.split(self.max_prompts_per_chunk)])
 
     def text_features(self, image_features=None):

@@ -30,6 +30,7 @@ from coop_min import data as D
 from coop_min import distributed as dist
 from coop_min import evaluate as E
 from coop_min.clip import convert_dtype, load_clip
+from coop_min.cuda_graph import TrainStep
 from coop_min.prompts import PromptConfig, build_prompted_clip, export_classifier, load_prompt, save_prompt
 from coop_min.templates import templates_for
 from coop_min.transforms import train_transform
@@ -68,6 +69,7 @@ class TrainConfig:
     reference_path: bool = False             # the official compute path (slow), for comparison
     shared_prefix: bool = False              # [SOS, ctx] encoded once: less memory, more kernel launches
     shard_text: bool = True                  # data-parallel CoOp: each process encodes 1/N of the classes
+    cuda_graph: bool = False                 # capture each training step as a CUDA graph (one process)
     save_every: int = 0                      # also checkpoint every N steps inside an epoch (0: epoch ends)
     print_every: int = 10
 
@@ -221,28 +223,39 @@ def _check_finite(loss, epoch, batch, folder):
                                  f"good checkpoint is kept in {folder} (lower --lr or use --precision fp32)")
 
 
-def _step_loss(model, images, labels, n_global):
-    """This rank's share of a global batch's mean loss, sum(CE) / n_global, and its text features.
-    A rank with no images still encodes its text shard: the gather in it is collective."""
+def _step_forward(model, images, labels, share):
+    """This rank's part of a global batch -> (its share of the mean loss, sum(CE) / global batch; its
+    correct predictions). share = its images / the global batch, as a tensor: a step that reads no
+    device value on the host can be captured (cuda_graph.py). A rank with no images still encodes
+    its text shard, since the gather in it is collective."""
     if len(labels) == 0:
         t = None if model.is_conditional else model.text_features()
         zero = sum(p.sum() for p in model.trainable_parameters()) * 0     # a graph, so backward runs
-        return (zero if t is None else zero + t.sum() * 0), None, None
+        return (zero if t is None else zero + t.sum() * 0), torch.zeros((), dtype=torch.long, device=share.device)
     features = model.encode_images(images)
     t = model.text_features(features if model.is_conditional else None)
     loss = model.loss(features, labels, text=t)
-    return loss * (len(labels) / n_global), features, t
+    with torch.no_grad():
+        correct = (model.logits_from_features(features, text=t.detach()).argmax(-1) == labels).sum()
+    return loss * share, correct
+
+
+def _check_labels(labels, n_cls):  # on the host, before the step (a captured step cannot check)
+    if len(labels) and not 0 <= int(labels.min()) <= int(labels.max()) < n_cls:
+        raise ValueError(f"labels must be in [0, {n_cls}), got {labels.tolist()[:8]}")
 
 
 def train_epochs(cfg, model, dataset, log, folder, world=dist.World()):
     """The SGD loop over epochs, resuming where state.pt left off; returns the number of steps run."""
-    opt = torch.optim.SGD(model.trainable_parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                          weight_decay=cfg.weight_decay)
+    params = model.trainable_parameters()
+    opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     start_epoch, start_batch = 0, 0
     if cfg.resume:
         state = _load_state(folder, model, opt)
         start_epoch, start_batch = state["epoch"], state["batch"]
         log.print(f"resumed from epoch {start_epoch + 1} batch {start_batch + 1}")
+    step = TrainStep(lambda *inputs: _step_forward(model, *inputs), opt, cuda_graph=cfg.cuda_graph,
+                     after_backward=lambda: dist.all_reduce_grads(params))
     steps = 0
     for epoch in range(start_epoch, cfg.epochs):
         lr = learning_rate(epoch, cfg)
@@ -254,20 +267,15 @@ def train_epochs(cfg, model, dataset, log, folder, world=dist.World()):
         n_batches, t0, seen = len(loader) + start_batch, time.time(), 0
         model.train()
         for batch, (images, labels) in enumerate(loader, start=start_batch):
+            _check_labels(labels, model.learner.n_cls)
             images, labels = images.to(cfg.device, non_blocking=True), labels.to(cfg.device, non_blocking=True)
-            n_global = dist.all_reduce_sum(torch.tensor(float(len(labels)), device=cfg.device))
-            loss, features, t = _step_loss(model, images, labels, n_global)
+            n_local = torch.full((), float(len(labels)), device=cfg.device)
+            n_global = dist.all_reduce_sum(n_local)
+            loss, correct = step(images, labels, n_local / n_global)
             _check_finite(loss, epoch, batch, folder)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            dist.all_reduce_grads(model.trainable_parameters())
-            opt.step()
             steps, seen = steps + 1, seen + int(n_global)
             if (batch + 1) % cfg.print_every == 0 or batch + 1 == n_batches:
-                with torch.no_grad():
-                    correct = torch.zeros((), device=cfg.device) if t is None else \
-                        (model.logits_from_features(features, text=t).argmax(-1) == labels).sum().float()
-                    global_loss, correct = dist.all_reduce_sum(torch.stack([loss.detach().float(), correct])).tolist()
+                global_loss, correct = dist.all_reduce_sum(torch.stack([loss.float(), correct.float()])).tolist()
                 acc = 100.0 * correct / float(n_global)
                 rate = seen / max(time.time() - t0, 1e-9)
                 left = ((cfg.epochs - epoch) * n_batches - batch - 1) * cfg.batch_size / rate
@@ -308,7 +316,7 @@ def _start_folder(cfg, folder, world):
             raise SystemExit(f"error: --resume but {state_path} does not exist; start without --resume")
         with open(config_path) as f:
             saved = {k: v for k, v in json.load(f).items() if k != "resume"}
-        changed = sorted(k for k in settings if saved.get(k) != settings[k] and k not in ("workers", "print_every", "device", "shard_text"))
+        changed = sorted(k for k in settings if saved.get(k) != settings[k] and k not in ("workers", "print_every", "device", "shard_text", "cuda_graph"))
         if changed:
             raise SystemExit(f"error: --resume with different settings ({', '.join(changed)}); use the run's "
                              f"settings or another --output")
@@ -353,6 +361,9 @@ def run(cfg: TrainConfig):
     cfg = resolve(cfg, splits.name)
     world, device = dist.setup(cfg.device)
     folder = cfg.output
+    if cfg.cuda_graph and (not device.startswith("cuda") or world.size > 1 or cfg.reference_path):
+        raise SystemExit("error: --cuda-graph captures the fast path of one process on a CUDA device; "
+                         "drop it for CPU, torchrun or --reference-path runs")
     _start_folder(cfg, folder, world)
     cfg.device = device
     log = _QuietLog() if not world.main else RunLog(
@@ -447,6 +458,8 @@ def parse_args(argv=None) -> TrainConfig:
       help="encode [SOS, ctx] once for all classes (UC, end; CoCoOp): less memory at many classes, more launches")
     a("--no-shard-text", dest="shard_text", action="store_false",
       help="under torchrun, CoOp: every process encodes all classes (default: each encodes 1/N of them)")
+    a("--cuda-graph", action="store_true",
+      help="capture each training step as a CUDA graph and replay it (one CUDA process; see README)")
     a("--save-every", type=int, default=0, help="also checkpoint every N steps inside an epoch")
     a("--print-every", type=int, default=10, help="progress line every N steps (default 10)")
     args = p.parse_args(argv)

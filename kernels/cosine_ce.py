@@ -405,7 +405,9 @@ class _CosineCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, f, t, scale, labels, ignore_index):
         loss, lse, n_kept, n_bad = _forward(f, t, scale, labels, ignore_index)
-        if n_bad.item():  # one sync: a bad label would otherwise give a silently wrong loss
+        # one sync: a bad label would otherwise give a silently wrong loss (not while a CUDA graph
+        # is captured, where a sync is illegal: a graphed step checks its labels on the host)
+        if not (f.is_cuda and torch.cuda.is_current_stream_capturing()) and n_bad.item():
             bad = labels[(labels != ignore_index) & ((labels < 0) | (labels >= t.shape[-2]))]
             raise ValueError(f"labels must be in [0, {t.shape[-2]}) or {ignore_index}, got "
                              f"{bad[:5].tolist()}")

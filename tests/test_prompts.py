@@ -217,6 +217,48 @@ def test_cocoop_batched_matches_official_per_image_loop(clip):
         assert torch.equal(prompts[i], expected)
 
 
+def test_class_shard_encodes_only_its_classes(clip):
+    model = build_prompted_clip(clip, CLASSNAMES, PromptConfig(n_ctx=4, class_token_position="middle"), seed=0)
+    everything = PromptedCLIP(clip, model.learner, reference=True).text_features()
+    model.class_shard = (torch.tensor([1, 2]), lambda t: torch.cat([torch.zeros(1, 32), t, torch.zeros(1, 32)]))
+    t = model.text_features()                 # the gather stands in for the other ranks' rows
+    _close(t[1:3], everything[1:3])
+    assert torch.equal(t[[0, 3]], torch.zeros(2, 32))
+
+
+class _HostRead(Exception):
+    pass
+
+
+@pytest.mark.parametrize("method,shared_prefix", [("coop", False), ("coop", True), ("cocoop", False),
+                                                  ("cocoop", True)])
+def test_fast_step_reads_no_device_value_on_the_host(clip, monkeypatch, method, shared_prefix):
+    """A CUDA graph cannot capture a host read of a device value (.item(), int(t), if t: ...), and on a
+    GPU each one stalls the launch queue. The fast step (forward, backward, SGD) must make none; on
+    CPU they are made to raise here."""
+    model = build_prompted_clip(clip, CLASSNAMES, PromptConfig.for_method(method), seed=0,
+                                max_prompts_per_chunk=3, shared_prefix=shared_prefix).train()
+    optimizer = torch.optim.SGD(model.trainable_parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    images, labels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)), torch.tensor([3, 1])
+
+    def step():
+        loss = model.loss(model.encode_images(images), labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    step()                                     # the optimizer creates its momentum buffers
+
+    def refuse(*args, **kwargs):
+        raise _HostRead()
+    for name in ("item", "tolist", "__int__", "__float__", "__bool__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, name, refuse)
+    step()
+    monkeypatch.undo()
+    with pytest.raises(_HostRead):             # the patch does catch a host read
+        monkeypatch.setattr(torch.Tensor, "__int__", refuse)
+        int(labels.max())
+
+
 def test_images_path_and_frozen_clip_in_eval_mode(clip):
     model = build_prompted_clip(clip, CLASSNAMES, PromptConfig(method="cocoop"))
     model.train()
@@ -240,7 +282,7 @@ def test_bf16_clip_keeps_fp32_context_and_matches_reference(clip):
     from coop_min.clip import convert_dtype
 
     low = convert_dtype(copy.deepcopy(clip), torch.bfloat16)
-    f = torch.randn(2, 32).bfloat16()
+    f = torch.randn(2, 32, generator=torch.Generator().manual_seed(0)).bfloat16()   # not the order-dependent global RNG
     labels = torch.tensor([1, 3])
     for config in (PromptConfig(n_ctx=4), PromptConfig(method="cocoop")):
         fast = build_prompted_clip(low, CLASSNAMES, config)

@@ -83,6 +83,7 @@ def test_killed_run_resumes_bit_identical(setup):
     (["--weights", "/nonexistent/clip.safetensors"], "weights not found"),
     (["--shots", "100"], "fewer than --shots 100"),
     (["--method", "cocoop", "--csc"], "CoCoOp"),
+    (["--cuda-graph", "--device", "cpu"], "--cuda-graph"),
 ])
 def test_bad_inputs_exit_2_with_one_line(setup, tmp_path, args, message):
     cmd = _cmd("coop_min.train", setup, "--output", str(tmp_path / "run"), "--epochs", "1") + args

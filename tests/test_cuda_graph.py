@@ -1,0 +1,45 @@
+"""TrainStep: a CoOp / CoCoOp SGD step replayed from a CUDA graph equals the eager step, across a
+learning-rate change (a re-capture) and a batch of another shape (an eager fallback). CUDA only;
+the preconditions of capture (no host reads in the step) are checked on CPU in test_prompts.py."""
+import pytest
+import torch
+
+from coop_min.clip import CLIP, CLIPConfig
+from coop_min.cuda_graph import TrainStep
+from coop_min.prompts import PromptConfig, build_prompted_clip
+
+pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+NAMES = ["dog", "golden retriever", "2012 Tesla Model S", "cat", "red panda"]
+
+
+def _run(method, cuda_graph, batches):
+    torch.manual_seed(0)
+    config = CLIPConfig(32, 32, 2, 64, 8, 2, 77, 49408, 64, 2, 2)
+    clip = CLIP(config).eval().requires_grad_(False).cuda()
+    model = build_prompted_clip(clip, NAMES, PromptConfig.for_method(method), seed=1).train()
+    with torch.no_grad():                      # a Meta-Net that matters from the first step
+        for p in model.trainable_parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())).cuda() * 0.05)
+    opt = torch.optim.SGD(model.trainable_parameters(), lr=0.002, momentum=0.9, weight_decay=5e-4)
+    step = TrainStep(lambda x, y: (model.loss(model.encode_images(x), y),), opt, cuda_graph=cuda_graph)
+    losses = []
+    for i, (x, y) in enumerate(batches):
+        for group in opt.param_groups:
+            group["lr"] = 0.002 if i < 5 else 0.0005
+        losses.append(step(x, y)[0].item())
+    return [p.detach().clone() for p in model.trainable_parameters()], losses
+
+
+@pytest.mark.parametrize("method", ["coop", "cocoop"])
+def test_graph_replay_equals_eager_steps(method):
+    g = torch.Generator().manual_seed(2)
+    sizes = [4] * 8 + [3] + [4] * 2               # the batch of 3 cannot replay the graph: eager
+    batches = [(torch.randn(n, 3, 32, 32, generator=g).cuda(), torch.randint(0, 5, (n,), generator=g).cuda())
+               for n in sizes]
+    eager, eager_losses = _run(method, False, batches)
+    graphed, graphed_losses = _run(method, True, batches)
+    assert graphed_losses == pytest.approx(eager_losses, rel=1e-5)
+    moved = max((a - b).abs().max().item() for a, b in zip(eager, _run(method, False, batches[:1])[0]))
+    assert moved > 1e-4                        # the steps really changed the parameters
+    for a, b in zip(graphed, eager):
+        assert torch.allclose(a, b, rtol=0, atol=1e-6), (a - b).abs().max()
