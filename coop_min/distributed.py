@@ -52,7 +52,8 @@ def setup(device):
         device = f"cuda:{local_rank}"
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+        cuda = device.startswith("cuda")
+        dist.init_process_group("nccl" if cuda else "gloo", device_id=torch.device(device) if cuda else None)
     return World(rank, size, local_rank), device
 
 
@@ -108,7 +109,7 @@ class _GatherCat(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        grad = grad.clone()                                                  # all_reduce works in place
+        grad = grad.clone(memory_format=torch.contiguous_format)             # all_reduce works in place
         dist.all_reduce(grad)
         start, n = ctx.rows
         return grad[start:start + n], None
