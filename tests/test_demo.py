@@ -1,7 +1,9 @@
 """The offline demo: the procedural world, the benchmark on disk, and the shipped tiny CLIP."""
+import importlib.util
 import json
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -115,3 +117,19 @@ def test_three_pretraining_steps_lower_the_contrastive_loss(tmp_path):
     images, captions = demo.caption_corpus(64, seed="held-out")
     with torch.no_grad():
         assert _contrastive_loss(after, images, captions) < _contrastive_loss(before, images, captions) - 0.02
+
+
+def test_script_defaults_are_the_recipe_of_the_shipped_weights():
+    """`python weights/pretrain_tiny.py` with no flags must rebuild the shipped file: its architecture
+    and every training argument (all but --output) equal what the file's metadata records."""
+    spec = importlib.util.spec_from_file_location("pretrain_tiny", SCRIPT)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    with safe_open(str(TINY_CLIP), framework="pt") as f:
+        meta = f.metadata()
+    recipe_args = json.loads(meta["recipe"])["args"]
+    default_args = vars(script.parse_args([]))
+    for args in (recipe_args, default_args):
+        del args["output"]
+    assert default_args == recipe_args
+    assert asdict(script.TINY) == json.loads(meta["config"])

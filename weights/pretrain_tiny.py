@@ -32,7 +32,7 @@ from coop_min.tokenizer import tokenize
 from coop_min.transforms import image_transform
 
 TINY = CLIPConfig(embed_dim=128, image_resolution=demo.RESOLUTION, vision_layers=6, vision_width=128,
-                  vision_patch_size=4, vision_heads=4, context_length=77, vocab_size=49408,
+                  vision_patch_size=8, vision_heads=4, context_length=77, vocab_size=49408,
                   text_width=128, text_heads=4, text_layers=4, quick_gelu=True)
 TEMPLATE = "a photo of a {}."
 MAX_LOGIT_SCALE = math.log(100)
@@ -40,7 +40,7 @@ MAX_LOGIT_SCALE = math.log(100)
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=2000, help="optimiser steps (0 saves the initial weights)")
+    p.add_argument("--steps", type=int, default=600, help="optimiser steps (0 saves the initial weights)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=float, default=0.05, help="fraction of steps with a linear warm-up")
