@@ -563,22 +563,19 @@ def _scaling_worker(rank, world_size, port, args, out):
     config = ARCHS["vit_tiny" if args.smoke else "vit_b16"]
     clip = convert_dtype(CLIP(config).eval().requires_grad_(False).to(device), args.ours_dtype)
     model = _coop_model(clip, args.scaling_classes, device)
-    lo, hi = dist.split(model.learner.n_cls, world)
-    sizes = dist.part_sizes(model.learner.n_cls, world)
-    model.class_shard = (torch.arange(lo, hi, device=device), lambda t: dist.gather_cat(t, sizes))
+    model.class_shard = dist.class_shard(model.learner.n_cls, world, device)
     g = torch.Generator().manual_seed(1)
     B = 32
     images = torch.randn(B, 3, config.image_resolution, config.image_resolution, generator=g).to(device)
     labels = torch.randint(0, args.scaling_classes, (B,), generator=g).to(device)
     lo_b, hi_b = dist.split(B, world)
-    optimizer = torch.optim.SGD(model.trainable_parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+    params = model.trainable_parameters()
+    optimizer = torch.optim.SGD(params, lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+    train_step = TrainStep(lambda: (model.loss(images[lo_b:hi_b], labels[lo_b:hi_b]) * ((hi_b - lo_b) / B),),
+                           optimizer, after_backward=lambda: dist.all_reduce_grads(params))
 
     def step():
-        loss = model.loss(images[lo_b:hi_b], labels[lo_b:hi_b]) * ((hi_b - lo_b) / B)
-        optimizer.zero_grad()
-        loss.backward()
-        dist.all_reduce_grads(model.trainable_parameters())
-        optimizer.step()
+        train_step()
         dist.barrier(world)                                              # a step ends when every rank's ends
     ms = _time_ms(step, device, args.warmup, args.repeats or (3 if args.smoke else 20))
     if world.main:

@@ -348,9 +348,7 @@ def _shard_classes(model, cfg, world):
     """Data-parallel CoOp: this rank encodes its part of the classes, the features are gathered."""
     if world.size == 1 or model.is_conditional or cfg.reference_path or not cfg.shard_text:
         return
-    lo, hi = dist.split(model.learner.n_cls, world)
-    sizes = dist.part_sizes(model.learner.n_cls, world)
-    model.class_shard = (torch.arange(lo, hi, device=cfg.device), lambda t: dist.gather_cat(t, sizes))
+    model.class_shard = dist.class_shard(model.learner.n_cls, world, cfg.device)
 
 
 def run(cfg: TrainConfig):
