@@ -108,14 +108,15 @@ def classnames():
     return [f"{BENCHMARK_COLOURS[c]} {BENCHMARK_SHAPES[s]}" for s, c in base + new]
 
 
-def caption_corpus(n, seed):
-    """n pre-training pairs: (list of n 32x32 RGB PIL images, list of n captions)."""
+def caption_corpus(n, seed, shape_only=False):
+    """n pre-training pairs: (list of n 32x32 RGB PIL images, list of n captions). With shape_only
+    the caption is the shape's name alone ("star"), for the first phase of pre-training."""
     images, captions = [], []
     for i in range(n):
         rng = random.Random(f"corpus/{seed}/{i}")
         scene = _sample_scene(rng, _PRETRAIN)
         images.append(render(scene, rng))
-        captions.append(caption(scene, rng))
+        captions.append(scene.shape if shape_only else caption(scene, rng))
     return images, captions
 
 

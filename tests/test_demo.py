@@ -48,6 +48,15 @@ def test_same_seed_same_world_other_seed_other_world():
     assert a_captions != c_captions
 
 
+def test_shape_only_captions_name_the_shape_of_the_same_images():
+    images, captions = demo.caption_corpus(50, seed=3)
+    shape_images, shapes = demo.caption_corpus(50, seed=3, shape_only=True)
+    assert [im.tobytes() for im in images] == [im.tobytes() for im in shape_images]
+    assert set(shapes) <= set(demo.SHAPES) and len(set(shapes)) > 4
+    for shape, full in zip(shapes, captions):  # the full caption always names the shape, maybe plural
+        assert shape in full and not any(other in full for other in set(demo.SHAPES) - {shape}), (shape, full)
+
+
 def test_captions_fit_the_context_and_name_every_class_word():
     _, captions = demo.caption_corpus(400, seed=0)
     tokens = tokenize(captions)  # raises if a caption is longer than 77 tokens
@@ -108,7 +117,7 @@ def test_shipped_tiny_clip_loads_and_is_well_above_chance_zero_shot():
 def test_three_pretraining_steps_lower_the_contrastive_loss(tmp_path):
     def run(steps):
         out = tmp_path / f"steps{steps}.safetensors"
-        cmd = [sys.executable, str(SCRIPT), "--steps", str(steps), "--batch-size", "64", "--lr", "3e-4", "--threads", "1",
+        cmd = [sys.executable, str(SCRIPT), "--steps", str(steps), "--batch-size", "64", "--lr", "3e-4", "--threads", "1", "--shape-steps", "0",
                "--eval-per-class", "0", "--output", str(out)]
         subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True, timeout=120)
         return load_clip(out)

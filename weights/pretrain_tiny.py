@@ -4,7 +4,15 @@ Same code path as any CLIP (coop_min.clip.CLIP), the real tokenizer (vocabulary 
 OpenAI's recipe at toy scale: the symmetric contrastive loss with a learnable temperature clamped at
 100, AdamW (betas 0.9/0.98, eps 1e-6, no decay on gains, biases, embeddings and the temperature),
 linear warm-up then cosine decay. Every step draws a fresh batch from the world (seeded by step), so
-the model never sees an image twice. Deterministic on one machine: fixed seeds, deterministic
+the model never sees an image twice.
+
+One departure, a two-phase curriculum: for the first --shape-steps steps every caption is the shape's
+name alone ("star"), then the full captions. Trained on full captions from the start, the tiny ViT
+learns colour, size, style and background within a few hundred steps and then never learns shape in
+the CPU budget (a linear probe on its features told 8 shapes apart no better than 22% after 600 to
+2800 steps, also with batches built of scenes that differ only in shape, or with terse "two stars"
+captions mixed in): the easy attributes already separate most of a batch, and shape never gets
+its gradient. Captions naming only the shape leave it nothing else to learn. Deterministic on one machine: fixed seeds, deterministic
 algorithms, a fixed thread count. The result is saved in the OpenAI key layout as fp16 safetensors
 (load_clip returns fp32) with the config, the recipe and the zero-shot accuracy in its metadata.
 
@@ -40,7 +48,9 @@ MAX_LOGIT_SCALE = math.log(100)
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=600, help="optimiser steps (0 saves the initial weights)")
+    p.add_argument("--steps", type=int, default=1800, help="optimiser steps (0 saves the initial weights)")
+    p.add_argument("--shape-steps", type=int, default=1000,
+                   help="first steps whose captions name only the shape (see the module docstring)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=float, default=0.05, help="fraction of steps with a linear warm-up")
@@ -51,8 +61,8 @@ def parse_args(argv):
                    help="test images per class for the final zero-shot check (default all 30; 0 skips it)")
     p.add_argument("--output", default=str(Path(__file__).with_name("tiny_clip.safetensors")))
     args = p.parse_args(argv)
-    for name in ("steps", "batch_size", "threads"):
-        if getattr(args, name) < (0 if name == "steps" else 1):
+    for name in ("steps", "shape_steps", "batch_size", "threads"):
+        if getattr(args, name) < (0 if "steps" in name else 1):
             p.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     return args
 
@@ -66,7 +76,8 @@ def lr_at(step, args):
 
 def make_batch(step, args, preprocess):
     """Step's batch: images (B, 3, 32, 32) normalised as CLIP's eval transform, tokens (B, 77)."""
-    images, captions = demo.caption_corpus(args.batch_size, seed=f"{args.seed}/{step}")
+    images, captions = demo.caption_corpus(args.batch_size, seed=f"{args.seed}/{step}",
+                                           shape_only=step < args.shape_steps)
     return torch.stack([preprocess(im) for im in images]), tokenize(captions)
 
 
