@@ -15,7 +15,9 @@ from safetensors import safe_open
 
 from coop_min import demo
 from coop_min.clip import load_clip
-from coop_min.tokenizer import tokenize
+from coop_min.prompts import nearest_words
+from coop_min.tokenizer import token_string, tokenize
+from coop_min.train import TrainConfig, run
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_CLIP = ROOT / "weights" / "tiny_clip.safetensors"
@@ -142,3 +144,28 @@ def test_script_defaults_are_the_recipe_of_the_shipped_weights():
         del args["output"]
     assert default_args == recipe_args
     assert asdict(script.TINY) == json.loads(meta["config"])
+
+
+def test_coop_with_paper_defaults_beats_zero_shot_on_the_demo_base_classes(e2e_setup, tmp_path):
+    """Prompt learning must learn here: CoOp as the paper (16 shots, M=16 random init, 200 epochs),
+    seed 1, on the 18 base classes, against zero-shot "a photo of a {}." computed in this test from
+    CLIP's own encoders on the in-memory test images (no coop_min data, transform or eval code)."""
+    results = run(TrainConfig(data=e2e_setup["data"], subsample="base", seed=1, output=str(tmp_path / "run"),
+                              workers=0, print_every=10 ** 9))
+    model = load_clip(TINY_CLIP)
+    items = [item for item in demo.benchmark_split("test", seed=0) if item[1] < 18]      # 540 images
+    labels = torch.tensor([label for _, label, _ in items])
+    with torch.no_grad():
+        f = F.normalize(model.encode_image(_pixels([im for im, _, _ in items])), dim=-1)
+        t = F.normalize(model.encode_text(tokenize([f"a photo of a {n}." for n in demo.classnames()[:18]])), dim=-1)
+    zero_shot = (f @ t.t()).argmax(1).eq(labels).float().mean().item() * 100
+    assert results["zero_shot"]["accuracy"] == pytest.approx(zero_shot, abs=0.4)   # at most 2 of 540 images
+    assert results["base"] >= zero_shot + 3, f"CoOp {results['base']:.1f}% vs zero-shot {zero_shot:.1f}% on base"
+
+    with safe_open(str(tmp_path / "run" / "prompt.safetensors"), framework="pt") as f:
+        ctx = f.get_tensor("ctx")                                                      # (16, 128)
+    init = torch.empty(16, 128).normal_(0, 0.02, generator=torch.Generator().manual_seed(1))
+    assert (ctx - init).norm() > 0.5 * init.norm(), "the learned context hardly moved from its init"
+    ids, _ = nearest_words(ctx, model.token_embedding, 1)
+    words = [token_string(i).removesuffix("</w>") for i in ids[:, 0].tolist()]   # e.g. 'heart', 'fern', 'selec'
+    assert sum(w.isascii() and w.isalpha() for w in words) >= 8, words
