@@ -9,11 +9,12 @@ the model never sees an image twice.
 One departure, a two-phase curriculum: for the first --shape-steps steps every caption is the shape's
 name alone ("star"), then the full captions. Trained on full captions from the start, the tiny ViT
 learns colour, size, style and background within a few hundred steps and then never learns shape in
-the CPU budget (a linear probe on its features told 8 shapes apart no better than 22% after 600 to
-2800 steps, also with batches built of scenes that differ only in shape, or with terse "two stars"
-captions mixed in): the easy attributes already separate most of a batch, and shape never gets
-its gradient. Captions naming only the shape leave it nothing else to learn. Deterministic on one machine: fixed seeds, deterministic
-algorithms, a fixed thread count. The result is saved in the OpenAI key layout as fp16 safetensors
+the CPU budget (measurements in the README's demo section): the easy attributes already separate
+most of a batch, and shape never gets its gradient. Captions naming only the shape leave it nothing
+else to learn.
+
+Deterministic on one machine: fixed seeds, deterministic algorithms, a fixed thread count. The
+result is saved in the OpenAI key layout as fp16 safetensors
 (load_clip returns fp32) with the config, the recipe and the zero-shot accuracy in its metadata.
 
     python weights/pretrain_tiny.py                                # the shipped weights/tiny_clip.safetensors
