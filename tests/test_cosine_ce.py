@@ -57,10 +57,12 @@ def _inputs(B, C, D, per_image, dtype, device="cpu", seed=0):
 
 
 def _assert_close(actual, expected, tol):
-    """Max error relative to the largest reference entry (gradients have entries near zero)."""
+    """Max error relative to the largest reference entry (gradients have entries near zero), and to
+    at least 0.1: with one class the exact gradient is 0 (the softmax is 1), while fp32 computes
+    p - 1 as rounding noise of ~1e-7, times the logit scale (9e-8 seen with Triton 3.9's interpreter)."""
     actual, expected = actual.double(), expected.double()
     err = (actual - expected).abs().max().item()
-    assert err <= tol * max(expected.abs().max().item(), 1e-6), f"max error {err:.3g}"
+    assert err <= tol * max(expected.abs().max().item(), 0.1), f"max error {err:.3g}"
 
 
 def _check_against_official(B, C, D, per_image, dtype, tol, device="cpu"):
