@@ -119,8 +119,8 @@ def test_shipped_tiny_clip_loads_and_is_well_above_chance_zero_shot():
 def test_three_pretraining_steps_lower_the_contrastive_loss(tmp_path):
     def run(steps):
         out = tmp_path / f"steps{steps}.safetensors"
-        cmd = [sys.executable, str(SCRIPT), "--steps", str(steps), "--batch-size", "64", "--lr", "3e-4", "--threads", "1", "--shape-steps", "0",
-               "--eval-per-class", "0", "--output", str(out)]
+        cmd = [sys.executable, str(SCRIPT), "--steps", str(steps), "--shape-steps", "0", "--batch-size", "64",
+               "--lr", "3e-4", "--threads", "1", "--eval-per-class", "0", "--output", str(out)]
         subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True, timeout=120)
         return load_clip(out)
 

@@ -14,8 +14,8 @@ most of a batch, and shape never gets its gradient. Captions naming only the sha
 else to learn.
 
 Deterministic on one machine: fixed seeds, deterministic algorithms, a fixed thread count. The
-result is saved in the OpenAI key layout as fp16 safetensors
-(load_clip returns fp32) with the config, the recipe and the zero-shot accuracy in its metadata.
+result is saved in the OpenAI key layout as fp16 safetensors (load_clip returns fp32) with the
+config, the recipe and the zero-shot accuracy in its metadata.
 
     python weights/pretrain_tiny.py                                # the shipped weights/tiny_clip.safetensors
     python weights/pretrain_tiny.py --steps 3 --batch-size 32 --eval-per-class 0 --output /tmp/t.safetensors
