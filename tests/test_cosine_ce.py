@@ -6,6 +6,10 @@ subprocess with the variable set (test_kernels_under_triton_interpreter) and ski
 the parent; `TRITON_INTERPRET=1 pytest tests/test_cosine_ce.py` runs them directly. The reference
 follows the official code: features divided by their norm, logit_scale * f @ t.t() (CoOp) or one
 such product per image (CoCoOp), F.cross_entropy; computed in fp64 from the same inputs.
+
+The interpreter never runs the code a GPU runs (it upcasts 16-bit dots; register limits do not
+exist there), so test_every_launch_compiles_to_a_hopper_cubin records every kernel launch the
+wrappers issue and compiles each to an sm_90 cubin with Triton's bundled ptxas, on CPU.
 """
 import os
 import subprocess
@@ -183,3 +187,71 @@ def test_bad_inputs_raise():
 @pytest.mark.parametrize("per_image", [False, True])
 def test_cuda_clip_sizes_match_official(dtype, tol, per_image):
     _check_against_official(32, 1000, 512, per_image, dtype, tol, device="cuda")
+
+
+# ----------------------------------------------------------------------------- compiles for the GPU
+
+_SIG = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.float64: "*fp64",
+        torch.int64: "*i64", torch.int32: "*i32"}
+
+
+class _Recorder:
+    """Stands in for a @triton.jit kernel: `kernel[grid](*args, **kwargs)` records the launch."""
+
+    def __init__(self, kernel, launches):
+        self.kernel, self.launches = kernel, launches
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.launches.append((self.kernel, args, kwargs))
+
+
+def _compile_for(target, kernel, args, kwargs):
+    """Compile one recorded launch to a cubin for `target` without a GPU (Triton's ptxas)."""
+    from triton.compiler import ASTSource
+    options = {"num_warps": kwargs.pop("num_warps", 4)}
+    named = {**dict(zip(kernel.arg_names, args)), **kwargs}
+    signature, constexprs = {}, {}
+    for name, param in zip(kernel.arg_names, kernel.params):
+        value = named[name]
+        if param.is_constexpr:
+            signature[name], constexprs[name] = "constexpr", value
+        elif torch.is_tensor(value):
+            signature[name] = _SIG[value.dtype]
+        else:
+            assert isinstance(value, int) and not isinstance(value, bool), (name, value)
+            signature[name] = "i32" if -2 ** 31 <= value < 2 ** 31 else "i64"
+    return cc.triton.compile(ASTSource(kernel, signature, constexprs), target=target, options=options)
+
+
+@pytest.mark.skipif(INTERPRETED, reason="compiles the GPU code path, not the interpreter's")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_every_launch_compiles_to_a_hopper_cubin(monkeypatch, dtype):
+    """The interpreter never runs the code the GPU runs (tl.dot on bf16/fp16 tiles, the register
+    allocation of each tile shape): build every launch of a CoOp and a CoCoOp step and of inference
+    logits, as the wrappers issue them at CLIP sizes and odd sizes, into sm_90 (H100/H200) cubins."""
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    try:
+        from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401  (ships ptxas)
+    except ImportError:
+        pytest.skip("this triton has no NVIDIA backend")
+    launches = []
+    for name in ("_forward_kernel", "_finish_kernel", "_backward_rows_kernel", "_backward_cols_kernel",
+                 "_logits_kernel"):
+        monkeypatch.setattr(cc, name, _Recorder(getattr(cc, name), launches))
+    monkeypatch.setattr(cc, "use_triton", lambda x: True)
+    monkeypatch.setattr(cc, "_num_sms", lambda device: 132)  # an H100 SXM: the class splits it gets
+    for B, C, D, per_image in [(32, 1000, 512, False), (33, 130, 65, False), (4, 50, 512, True), (3, 7, 65, True)]:
+        f, t, scale, labels = _inputs(B, C, D, per_image, dtype)
+        loss, lse, n_kept, _ = cc._forward(f, t, scale, labels, -100)
+        cc._backward(torch.ones(()), f, t, scale, labels, lse, n_kept, -100, (True, True, True))
+        with torch.no_grad():
+            cc.cosine_logits(f, t, scale)
+    assert {k.fn.__name__ for k, _, _ in launches} == {"_forward_kernel", "_finish_kernel", "_backward_rows_kernel",
+                                                        "_backward_cols_kernel", "_logits_kernel"}
+    for kernel, args, kwargs in launches:
+        compiled = _compile_for(GPUTarget("cuda", 90, 32), kernel, args, dict(kwargs))
+        assert len(compiled.asm["cubin"]) > 1000
+        shared_t_dots = kernel.fn.__name__ != "_finish_kernel" and not kwargs.get("PER_IMAGE", False)
+        if dtype != torch.float32 and shared_t_dots:  # tl.dot on 16-bit tiles
+            assert "mma" in compiled.asm["ptx"], f"{kernel.fn.__name__}: 16-bit dots should use tensor cores"
