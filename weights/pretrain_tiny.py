@@ -63,8 +63,9 @@ def parse_args(argv):
     p.add_argument("--output", default=str(Path(__file__).with_name("tiny_clip.safetensors")))
     args = p.parse_args(argv)
     for name in ("steps", "shape_steps", "batch_size", "threads"):
-        if getattr(args, name) < (0 if "steps" in name else 1):
-            p.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+        least = 0 if "steps" in name else 1
+        if getattr(args, name) < least:
+            p.error(f"--{name.replace('_', '-')} must be at least {least}, got {getattr(args, name)}")
     return args
 
 
