@@ -229,7 +229,7 @@ def test_every_launch_compiles_to_a_hopper_cubin(monkeypatch, dtype):
     """The interpreter never runs the code the GPU runs (tl.dot on bf16/fp16 tiles, the register
     allocation of each tile shape): build every launch of a CoOp and a CoCoOp step and of inference
     logits, as the wrappers issue them at CLIP sizes and odd sizes, into sm_90 (H100/H200) cubins."""
-    triton = pytest.importorskip("triton")
+    pytest.importorskip("triton")
     from triton.backends.compiler import GPUTarget
     try:
         from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401  (ships ptxas)
