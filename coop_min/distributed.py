@@ -57,6 +57,14 @@ def setup(device):
     return World(rank, size, local_rank), device
 
 
+def teardown():
+    """Leave torchrun's process group at the end of a run (a no-op without one). Left to interpreter
+    exit, the group's threads are torn down in no fixed order, and a rank that finished its run can
+    abort ("terminate called without an active exception", exit code -6)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def split(n, world: World):
     """This rank's contiguous part [lo, hi) of n items: sizes differ by at most one, rank order."""
     return n * world.rank // world.size, n * (world.rank + 1) // world.size

@@ -482,6 +482,8 @@ def main(argv=None):
             print(e.code, file=sys.stderr)
             sys.exit(2)
         raise
+    finally:
+        dist.teardown()
 
 
 if __name__ == "__main__":
