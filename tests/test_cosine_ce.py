@@ -236,8 +236,8 @@ def test_every_launch_compiles_to_a_hopper_cubin(monkeypatch, dtype):
     except ImportError:
         pytest.skip("this triton has no NVIDIA backend")
     launches = []
-    for name in ("_forward_kernel", "_finish_kernel", "_backward_rows_kernel", "_backward_cols_kernel",
-                 "_logits_kernel"):
+    kernels = ("_forward_kernel", "_finish_kernel", "_backward_rows_kernel", "_backward_cols_kernel", "_logits_kernel")
+    for name in kernels:
         monkeypatch.setattr(cc, name, _Recorder(getattr(cc, name), launches))
     monkeypatch.setattr(cc, "use_triton", lambda x: True)
     monkeypatch.setattr(cc, "_num_sms", lambda device: 132)  # an H100 SXM: the class splits it gets
@@ -247,8 +247,7 @@ def test_every_launch_compiles_to_a_hopper_cubin(monkeypatch, dtype):
         cc._backward(torch.ones(()), f, t, scale, labels, lse, n_kept, -100, (True, True, True))
         with torch.no_grad():
             cc.cosine_logits(f, t, scale)
-    assert {k.fn.__name__ for k, _, _ in launches} == {"_forward_kernel", "_finish_kernel", "_backward_rows_kernel",
-                                                        "_backward_cols_kernel", "_logits_kernel"}
+    assert {k.fn.__name__ for k, _, _ in launches} == set(kernels)
     for kernel, args, kwargs in launches:
         compiled = _compile_for(GPUTarget("cuda", 90, 32), kernel, args, dict(kwargs))
         assert len(compiled.asm["cubin"]) > 1000
