@@ -12,7 +12,10 @@ What capture needs, and how the fast path gives it:
   (prompts.py `eot_max`), the head skips its label check while capturing (checked on the host
   instead), the loss share of a data-parallel part is an input tensor;
 - fixed learning rates: the captured SGD update holds them as constants, so when a param group's lr
-  changes (Dassl's schedule: once per epoch) the step is captured again.
+  changes (Dassl's schedule: once per epoch) the step is captured again;
+- no CUDA calls from other threads counted against the capture: a DataLoader's pin-memory thread
+  allocates pinned host memory whenever it prefetches, which the default "global" capture mode treats
+  as an error (the capture fails, and the loader thread dies with it), so capture is "thread_local".
 The first `warmup` calls are ordinary eager steps on a side stream (they are real training steps;
 they also create the momentum buffers and let cuBLAS and Triton choose and compile their kernels).
 A replay runs the same kernels as an eager step, so the numbers are the same.
@@ -67,7 +70,7 @@ class TrainStep:
         self.static_inputs = [x.clone() for x in inputs]
         self.optimizer.zero_grad(set_to_none=True)           # gradients are allocated inside the graph
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             outputs = self.forward(*self.static_inputs)
             outputs[0].backward()
             if self.after_backward is not None:

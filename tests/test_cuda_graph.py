@@ -1,6 +1,8 @@
 """TrainStep: a CoOp / CoCoOp SGD step replayed from a CUDA graph equals the eager step, across a
 learning-rate change (a re-capture) and a batch of another shape (an eager fallback). CUDA only;
 the preconditions of capture (no host reads in the step) are checked on CPU in test_prompts.py."""
+import threading
+
 import pytest
 import torch
 
@@ -12,7 +14,7 @@ pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available()
 NAMES = ["dog", "golden retriever", "2012 Tesla Model S", "cat", "red panda"]
 
 
-def _run(method, cuda_graph, batches):
+def _model(method):
     torch.manual_seed(0)
     config = CLIPConfig(32, 32, 2, 64, 8, 2, 77, 49408, 64, 2, 2)
     clip = CLIP(config).eval().requires_grad_(False).cuda()
@@ -20,6 +22,11 @@ def _run(method, cuda_graph, batches):
     with torch.no_grad():                      # a Meta-Net that matters from the first step
         for p in model.trainable_parameters():
             p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())).cuda() * 0.05)
+    return model
+
+
+def _run(method, cuda_graph, batches):
+    model = _model(method)
     opt = torch.optim.SGD(model.trainable_parameters(), lr=0.002, momentum=0.9, weight_decay=5e-4)
     step = TrainStep(lambda x, y: (model.loss(model.encode_images(x), y),), opt, cuda_graph=cuda_graph)
     losses = []
@@ -43,3 +50,36 @@ def test_graph_replay_equals_eager_steps(method):
     assert moved > 1e-4                        # the steps really changed the parameters
     for a, b in zip(graphed, eager):
         assert torch.allclose(a, b, rtol=0, atol=1e-6), (a - b).abs().max()
+
+
+def test_capture_survives_a_pinned_allocation_in_another_thread():
+    """train.py's DataLoader pins each batch in a thread of its own, also while a step is captured. A
+    pinned allocation there (cudaHostAlloc) breaks a capture in CUDA's default "global" mode and
+    kills the loader thread; TrainStep captures "thread_local", so both go on."""
+    errors = []
+
+    def pin_fresh_block():              # a size no cached pinned block has: a real cudaHostAlloc
+        try:
+            torch.empty(97 * 2 ** 20 + 13, dtype=torch.uint8, pin_memory=True)
+        except Exception as e:          # noqa: BLE001 (reported below)
+            errors.append(e)
+
+    def losses(cuda_graph):
+        model = _model("coop")
+
+        def forward(x, y):
+            if torch.cuda.is_current_stream_capturing():
+                thread = threading.Thread(target=pin_fresh_block)
+                thread.start()
+                thread.join()
+            return (model.loss(model.encode_images(x), y),)
+        step = TrainStep(forward, torch.optim.SGD(model.trainable_parameters(), lr=0.002, momentum=0.9),
+                         cuda_graph=cuda_graph)
+        x, y = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(3)).cuda(), torch.arange(4).cuda()
+        out = [step(x, y)[0].item() for _ in range(4)]        # graphed: 2 eager, a capture, a replay
+        assert step.graph is not None or not cuda_graph
+        return out
+
+    graphed = losses(True)
+    assert not errors, errors
+    assert graphed == pytest.approx(losses(False), rel=1e-5)
