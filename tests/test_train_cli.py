@@ -113,3 +113,20 @@ def test_evaluate_interprets_context_and_classifies_one_image(setup, tmp_path):
     r = subprocess.run(_cmd("coop_min.evaluate", setup, "--prompt", str(out), "--image", str(bad)),
                        env=ENV, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "bad.jpg" in r.stderr
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("method", ["coop", "cocoop"])
+def test_cuda_graph_run_logs_the_losses_of_an_eager_run(setup, tmp_path, method):
+    """The real CLI on a GPU, bf16, with pinned loader workers (their thread runs during capture): a
+    --cuda-graph run (re-captured each epoch, as the lr changes) logs the steps of an eager run."""
+    losses = {}
+    for mode in ("eager", "graph"):
+        out = tmp_path / mode
+        r = _train(setup, out, "--method", method, "--device", "cuda", "--workers", "2",
+                   *(["--cuda-graph"] if mode == "graph" else []))
+        assert r.returncode == 0, r.stderr
+        lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        losses[mode] = [m["loss"] for m in lines if "batch" in m]
+    assert len(losses["eager"]) >= 6 and losses["graph"] == pytest.approx(losses["eager"], rel=1e-4)
