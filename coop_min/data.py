@@ -425,7 +425,8 @@ def load_split(path, root=None) -> DatasetSplits:
 
 
 class ImageDataset(Dataset):
-    """Items -> (image tensor, label). Eval: transform(img). Train: transform(img, rng) with rng a
+    """Items -> (image tensor, label); images are converted to RGB as they are read, before any
+    transform, as Dassl's read_image does. Eval: transform(img). Train: transform(img, rng) with rng a
     random.Random seeded from (seed, epoch, index), so the augmentation of a sample depends on nothing
     else (not the worker, not the batch); `set_epoch` before each epoch (make_loader does).
 
@@ -440,7 +441,7 @@ class ImageDataset(Dataset):
         self.skip_bad, self.epoch = skip_bad, 0
         self.cache = None
         if cache_decoded:  # a bad file raises now, or (skip_bad) its error is kept and the sample skipped at each use
-            self.cache = [_load_or_error(d.path) if skip_bad else load_image(d.path) for d in self.items]
+            self.cache = [_load_or_error(d.path) if skip_bad else load_image(d.path, rgb=True) for d in self.items]
 
     def set_epoch(self, epoch):
         self.epoch = epoch
@@ -451,7 +452,7 @@ class ImageDataset(Dataset):
     def __getitem__(self, i):
         d = self.items[i]
         try:
-            img = load_image(d.path) if self.cache is None else self.cache[i]
+            img = load_image(d.path, rgb=True) if self.cache is None else self.cache[i]
             if isinstance(img, str):  # a cached error
                 raise ValueError(img)
             x = self.transform(img, random.Random(f"{self.seed}/{self.epoch}/{i}")) if self.train else self.transform(img)
@@ -465,7 +466,7 @@ class ImageDataset(Dataset):
 
 def _load_or_error(path):
     try:
-        return load_image(path)
+        return load_image(path, rgb=True)
     except ValueError as e:
         return str(e)  # the message, not the exception: a traceback would keep its frames alive
 

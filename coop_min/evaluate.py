@@ -148,7 +148,7 @@ def _interpret(model, k, log):
 def _predict_image(path, clip, classnames, model, weights, device):
     from coop_min.transforms import image_transform, load_image
 
-    x = image_transform(clip.visual.input_resolution)(load_image(path)).unsqueeze(0).to(device)
+    x = image_transform(clip.visual.input_resolution)(load_image(path, rgb=True)).unsqueeze(0).to(device)
     with torch.no_grad():
         f = clip.encode_image(x).float()
         if model is not None:

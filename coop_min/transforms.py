@@ -14,8 +14,8 @@ making the same PIL calls in the same order, then the same float32 arithmetic (`
 
 Dassl converts to RGB when it loads a file, *before* resizing; OpenAI converts after the crop. For
 RGB files (nearly all) the two agree. For others they differ (a palette image is resized with
-nearest by PIL, an RGBA one with premultiplied alpha); `image_transform` follows OpenAI, and a
-caller that wants Dassl's eval order converts to RGB first.
+nearest by PIL, an RGBA one with premultiplied alpha); `image_transform` follows OpenAI, and the
+datasets (data.py) and `evaluate --image` load with `load_image(path, rgb=True)`, as CoOp does.
 
 Randomness: `train_transform` draws only from the `random.Random` it is given, so a sample's crop
 and flip depend on that generator alone (seed it per sample and epoch: resuming and any number of
@@ -48,12 +48,15 @@ class BadImageError(ValueError):
     """An image file that cannot be decoded: missing, not an image, corrupt or truncated."""
 
 
-def load_image(path):
-    """Open and fully decode an image file (its mode unchanged), or raise BadImageError naming it."""
+def load_image(path, rgb=False):
+    """Open and fully decode an image file, or raise BadImageError naming it. Its mode is unchanged,
+    or with rgb=True converted to RGB as Dassl's read_image does (the datasets' order)."""
     try:
         with Image.open(path) as img:  # the context closes the file, even for multi-frame images
             img.load()  # decode now, so a truncated file fails here and not halfway through a batch
         _check_image(img)
+        if rgb:
+            img = _to_rgb(img)
     except Exception as e:  # PIL's decoders raise OSError, SyntaxError, ValueError, struct.error, ...
         reason = " ".join((getattr(e, "strerror", None) or str(e) or type(e).__name__).split())
         raise BadImageError(f"cannot read image {path}: {reason}; remove it or pass --skip-bad-images") from e

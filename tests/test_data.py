@@ -401,3 +401,25 @@ def test_real_transforms_plug_in(tmp_path):
     items = _folder_items(tmp_path, 2)
     assert D.ImageDataset(items, image_transform(4))[0][0].shape == (3, 4, 4)
     assert D.ImageDataset(items, train_transform(4), train=True)[1][0].shape == (3, 4, 4)
+
+
+@pytest.mark.parametrize("mode", ["P", "RGBA", "1"])
+def test_dataset_images_become_rgb_before_the_eval_transform_as_in_dassl(tmp_path, mode):
+    """Dassl's read_image converts to RGB on load, before the test transform resizes; OpenAI's
+    preprocess (image_transform) converts after the crop. For these modes the two orders differ."""
+    from coop_min.transforms import image_transform
+
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (37, 53, 4), dtype=np.uint8)
+    pixels[..., 3] = np.where(pixels[..., 3] > 127, 255, 60)         # partly transparent
+    img = Image.fromarray(pixels, "RGBA")
+    img = img if mode == "RGBA" else img.convert("RGB").convert(mode) if mode == "1" else \
+        img.convert("RGB").quantize(16)
+    path = str(tmp_path / "x.png")
+    img.save(path)
+    with Image.open(path) as f:
+        assert f.mode == mode
+        f.load()
+        dassl, openai = image_transform(24)(f.convert("RGB")), image_transform(24)(f)
+    x, _ = D.ImageDataset([D.Datum(path, 0, "c")], image_transform(24))[0]
+    assert torch.equal(x, dassl) and not torch.allclose(x, openai, atol=1e-2)
