@@ -179,6 +179,8 @@ def main(argv=None):
     p.add_argument("--output", help="folder for results.json (default: print only)")
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--device", help="default cuda if available")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"],
+                   help="frozen CLIP compute dtype (default bf16 on CUDA, fp32 on CPU, as in training)")
     p.add_argument("--workers", type=int, default=0, help="data loader worker processes (default 0)")
     p.add_argument("--skip-bad-images", action="store_true")
     args = p.parse_args(argv)
@@ -193,12 +195,13 @@ def main(argv=None):
 
 def run(args):
     from coop_min.clip import load_clip
-    from coop_min.train import DEMO_WEIGHTS, sha256_file
+    from coop_min.train import DEMO_WEIGHTS, DTYPES, sha256_file
 
     world, device = dist.setup(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     say = print if world.main else (lambda *a: None)
     weights_path = args.weights or DEMO_WEIGHTS
-    clip = load_clip(weights_path, device=device)
+    precision = args.precision or ("bf16" if device.startswith("cuda") else "fp32")   # train.py's rule
+    clip = load_clip(weights_path, device=device, dtype=DTYPES[precision])
     clip_sha = sha256_file(weights_path)
     prompt = _prompt_file(args.prompt) if args.prompt else None
     if prompt and args.interpret:

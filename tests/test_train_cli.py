@@ -52,6 +52,18 @@ def test_training_writes_every_run_output_and_evaluate_agrees(setup):
     assert r.returncode == 2 and "already holds a run" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
+def test_evaluate_at_the_runs_precision_reproduces_its_accuracy(setup, tmp_path):
+    """A bf16 run (the CUDA default; here forced on CPU): evaluate --precision bf16 gives the accuracy
+    of its results.json, whose bf16 logits the fp32 default need not reproduce exactly."""
+    out = tmp_path / "run"
+    assert _train(setup, out, "--epochs", "1", "--precision", "bf16").returncode == 0
+    accuracy = json.loads((out / "results.json").read_text())["accuracy"]
+    r = subprocess.run(_cmd("coop_min.evaluate", setup, "--prompt", str(out), "--precision", "bf16",
+                            "--output", str(tmp_path / "eval")), env=ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "eval" / "results.json").read_text())["accuracy"] == accuracy
+
+
 def test_killed_run_resumes_bit_identical(setup):
     full, killed = setup["root"] / "full", setup["root"] / "killed"
     args = ("--epochs", "4", "--save-every", "1")
