@@ -752,6 +752,7 @@ def _environment(device, args):
 
 def _parse(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.error = lambda message: p.exit(2, f"{p.prog}: error: {message}; see --help\n")  # one line, no usage block
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cuda", "cpu"))
     p.add_argument("--cases", default="", help="comma-separated name prefixes, e.g. coop-vit,head (default: all)")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
@@ -768,6 +769,10 @@ def _parse(argv):
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         p.exit(2, "bench.py: error: --device cuda but torch sees no CUDA GPU; use --device cpu\n")
+    if args.json and os.path.exists(args.json):      # a long run's results are never overwritten
+        p.exit(2, f"bench.py: error: --json {args.json} exists; pick a new path (or remove it)\n")
+    if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
+        p.exit(2, f"bench.py: error: --json {args.json}: its folder does not exist\n")
     prefixes = [s for s in args.cases.split(",") if s]
     args.selected = [c for c in all_cases(args.smoke) if not prefixes or any(c.name.startswith(s) for s in prefixes)]
     if not args.selected:

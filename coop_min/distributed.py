@@ -38,9 +38,25 @@ class World:
         return self.rank == 0
 
 
+def check_device(device):
+    """Raise ValueError with one line unless `device` is cpu or a CUDA device this machine has."""
+    try:
+        d = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"--device {device!r} is not a device; use cpu, cuda or cuda:N") from None
+    if d.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {device}: only cpu and cuda are supported")
+    if d.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device} but torch sees no CUDA GPU (a CPU build of torch, or no driver); "
+                         "use --device cpu")
+    if d.type == "cuda" and (d.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device {device} but this machine has {torch.cuda.device_count()} GPU(s)")
+
+
 def setup(device):
     """Join torchrun's process group if there is one: (World, the device this rank uses).
     NCCL for CUDA, gloo for CPU; CUDA ranks take cuda:LOCAL_RANK."""
+    check_device(device)
     size = int(os.environ.get("WORLD_SIZE", "1"))
     if size == 1:
         return World(), device

@@ -164,6 +164,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m coop_min.evaluate", description=(
         "Evaluate zero-shot CLIP or learned prompts on a dataset's test split; interpret learned context; "
         "classify one image. With no --data: the bundled demo benchmark and tiny CLIP."))
+    p.error = lambda message: p.exit(2, f"{p.prog}: error: {message}; see --help\n")  # one line, no usage block
     p.add_argument("--data", help="dataset folder (as for training); default: the demo benchmark")
     p.add_argument("--dataset", default="auto", help="dataset name or auto (default auto)")
     p.add_argument("--weights", help="CLIP safetensors (default: weights/tiny_clip.safetensors)")
@@ -184,6 +185,14 @@ def main(argv=None):
     p.add_argument("--workers", type=int, default=0, help="data loader worker processes (default 0)")
     p.add_argument("--skip-bad-images", action="store_true")
     args = p.parse_args(argv)
+    for name, least in (("batch_size", 1), ("workers", 0), ("interpret", 1)):
+        if getattr(args, name) is not None and getattr(args, name) < least:
+            p.error(f"--{name.replace('_', '-')} must be >= {least}, got {getattr(args, name)}")
+    if args.output and os.path.exists(os.path.join(args.output, "results.json")):   # never lose a result
+        p.error(f"--output {args.output} already holds a results.json (a run's or an earlier evaluation's); "
+                "pick another --output")
+    if args.output and os.path.exists(args.output) and not os.path.isdir(args.output):
+        p.error(f"--output {args.output} is a file, not a folder")
     try:
         run(args)
     except (ValueError, FileNotFoundError) as e:

@@ -369,8 +369,12 @@ def _read(path):
 
     if not os.path.isfile(path):
         raise FileNotFoundError(f"prompt file not found: {path}")
-    with safe_open(str(path), framework="pt") as f:
-        return f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error type for every kind of bad file
+        raise ValueError(f"cannot read prompt file {path} ({' '.join(str(e).split())}); pass a run folder "
+                         "or the prompt.safetensors a training run wrote") from None
 
 
 def load_prompt(path, clip, classnames=None, clip_sha256: str | None = None,

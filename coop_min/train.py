@@ -182,6 +182,9 @@ def sha256_file(path):
 
 
 def _save_state(folder, model, opt, epoch, batch, log):
+    if not all(torch.isfinite(p).all() for p in model.learner.parameters()):  # never overwrite a good checkpoint
+        raise FloatingPointError(f"the learned parameters became nan/inf (checkpoint due after {epoch} epochs and "
+                                 f"{batch} steps); stopped. {_kept(folder)} (lower --lr or use --precision fp32)")
     state = {"params": {k: v.detach().cpu() for k, v in model.learner.state_dict().items()},
              "optimizer": opt.state_dict(), "epoch": epoch, "batch": batch,
              "metrics_bytes": log.metrics_bytes(), "torch_rng": torch.get_rng_state()}
@@ -192,11 +195,25 @@ def _save_state(folder, model, opt, epoch, batch, log):
             lambda tmp: save_file(tensors, tmp, metadata={"epoch": str(epoch), "batch": str(batch)}))
 
 
-def _load_state(folder, model, opt):
+def _kept(folder):
+    if os.path.exists(os.path.join(folder, "state.pt")):
+        return f"The last good checkpoint is kept in {folder}"
+    return "No checkpoint had been written yet"
+
+
+def _read_state(folder):
     path = os.path.join(folder, "state.pt")
     if not os.path.exists(path):
         raise SystemExit(f"error: --resume but {path} does not exist; start without --resume")
-    state = torch.load(path, weights_only=True)
+    try:
+        return torch.load(path, weights_only=True)
+    except Exception as e:  # weights_only refuses anything but tensors and plain containers
+        raise SystemExit(f"error: cannot read {path} ({type(e).__name__}): it is not a state.pt this trainer "
+                         "wrote, so the run cannot be resumed; start a new run in another --output") from None
+
+
+def _load_state(folder, model, opt):
+    state = _read_state(folder)
     model.learner.load_state_dict(state["params"])
     opt.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["torch_rng"])
@@ -219,8 +236,8 @@ def _clip_and_sha(cfg):
 
 def _check_finite(loss, epoch, batch, folder):
     if not torch.isfinite(loss):
-        raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch + 1} batch {batch + 1}; stopped, the last "
-                                 f"good checkpoint is kept in {folder} (lower --lr or use --precision fp32)")
+        raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch + 1} batch {batch + 1}; stopped. "
+                                 f"{_kept(folder)} (lower --lr or use --precision fp32)")
 
 
 def _step_forward(model, images, labels, share):
@@ -314,20 +331,26 @@ def _start_folder(cfg, folder, world):
     if cfg.resume:
         if not os.path.exists(state_path):
             raise SystemExit(f"error: --resume but {state_path} does not exist; start without --resume")
-        with open(config_path) as f:
-            saved = {k: v for k, v in json.load(f).items() if k != "resume"}
-        changed = sorted(k for k in settings if saved.get(k) != settings[k] and k not in ("workers", "print_every", "device", "shard_text", "cuda_graph"))
+        try:
+            with open(config_path) as f:
+                saved = {k: v for k, v in json.load(f).items() if k != "resume"}
+        except (OSError, ValueError, AttributeError) as e:
+            raise SystemExit(f"error: cannot read {config_path} ({e}); --resume needs the run's own config.json")
+        free = ("output", "workers", "print_every", "device", "shard_text", "cuda_graph")   # a run folder may move
+        changed = sorted(k for k in settings if saved.get(k) != settings[k] and k not in free)
         if changed:
             raise SystemExit(f"error: --resume with different settings ({', '.join(changed)}); use the run's "
                              f"settings or another --output")
     elif os.path.exists(state_path) or os.path.exists(os.path.join(folder, "results.json")):
         raise SystemExit(f"error: {folder} already holds a run; pass --resume to continue it or --output for a new one")
+    elif os.path.isdir(folder) and os.listdir(folder):   # a failed run's split.json, or someone else's files
+        raise SystemExit(f"error: --output {folder} is not empty (it holds {', '.join(sorted(os.listdir(folder))[:3])}); "
+                         "a new run needs a new or empty folder: remove its files or pick another --output")
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise SystemExit(f"error: --output {folder} is a file, not a folder; pick another --output")
     dist.barrier(world)                      # every rank has checked before rank 0 changes anything
     if world.main:
         os.makedirs(folder, exist_ok=True)
-        for name in ("log.txt", "metrics.jsonl"):
-            if not cfg.resume and os.path.exists(os.path.join(folder, name)):
-                os.remove(os.path.join(folder, name))
         _write_json(config_path, {**settings, "resume": cfg.resume})
     dist.barrier(world)
 
@@ -364,8 +387,7 @@ def run(cfg: TrainConfig):
                          "drop it for CPU, torchrun or --reference-path runs")
     _start_folder(cfg, folder, world)
     cfg.device = device
-    log = _QuietLog() if not world.main else RunLog(
-        folder, torch.load(os.path.join(folder, "state.pt"), weights_only=True)["metrics_bytes"] if cfg.resume else None)
+    log = _QuietLog() if not world.main else RunLog(folder, _read_state(folder)["metrics_bytes"] if cfg.resume else None)
     torch.manual_seed(cfg.seed)
     few = _few_shot_splits(cfg, splits, folder, world)
     train_split = D.subsample_classes(few, cfg.subsample)
@@ -429,6 +451,7 @@ def parse_args(argv=None) -> TrainConfig:
     p = argparse.ArgumentParser(prog="python -m coop_min.train", description=(
         "Learn CoOp/CoCoOp prompts for a frozen CLIP. Unset flags take the paper default for the method, shot "
         "count and dataset. With no --data: the bundled demo benchmark and tiny CLIP."))
+    p.error = lambda message: p.exit(2, f"{p.prog}: error: {message}; see --help\n")  # one line, no usage block
     a = p.add_argument
     a("--data", help="dataset folder (official CoOp layouts, split_zhou json, or class/image.jpg); default: demo")
     a("--dataset", default="auto", help="dataset name, or auto to detect from the folder (default auto)")
@@ -462,11 +485,12 @@ def parse_args(argv=None) -> TrainConfig:
     a("--print-every", type=int, default=10, help="progress line every N steps (default 10)")
     args = p.parse_args(argv)
     values = {k.replace("-", "_"): v for k, v in vars(args).items()}
-    for name in ("shots", "epochs", "batch_size", "n_ctx"):
-        if values[name] is not None and values[name] < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1, got {values[name]}")
-    if values["workers"] is not None and values["workers"] < 0:
-        p.error("--workers must be >= 0")
+    for name, least in (("shots", 1), ("epochs", 1), ("batch_size", 1), ("n_ctx", 1), ("workers", 0),
+                        ("save_every", 0), ("print_every", 1)):
+        if values[name] is not None and values[name] < least:
+            p.error(f"--{name.replace('_', '-')} must be >= {least}, got {values[name]}")
+    if not (math.isfinite(values["lr"]) and values["lr"] > 0):
+        p.error(f"--lr must be a positive number, got {values['lr']}")
     return TrainConfig(**values)
 
 
@@ -482,6 +506,9 @@ def main(argv=None):
             print(e.code, file=sys.stderr)
             sys.exit(2)
         raise
+    except KeyboardInterrupt:
+        print("interrupted: the run folder keeps its last checkpoint; continue with --resume", file=sys.stderr)
+        sys.exit(130)
     finally:
         dist.teardown()
 

@@ -96,6 +96,13 @@ def test_killed_run_resumes_bit_identical(setup):
     (["--shots", "100"], "fewer than --shots 100"),
     (["--method", "cocoop", "--csc"], "CoCoOp"),
     (["--cuda-graph", "--device", "cpu"], "--cuda-graph"),
+    (["--lr", "nan"], "--lr must be a positive number"),
+    (["--lr", "-1"], "--lr must be a positive number"),
+    (["--print-every", "0"], "--print-every must be >= 1"),
+    (["--shots", "0"], "--shots must be >= 1"),
+    (["--class-token-position", "bogus"], "invalid choice"),
+    (["--device", "nonsense"], "not a device"),
+    (["--device", "cuda:99"], "--device cuda:99"),
 ])
 def test_bad_inputs_exit_2_with_one_line(setup, tmp_path, args, message):
     cmd = _cmd("coop_min.train", setup, "--output", str(tmp_path / "run"), "--epochs", "1") + args
@@ -142,3 +149,46 @@ def test_cuda_graph_run_logs_the_losses_of_an_eager_run(setup, tmp_path, method)
         lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         losses[mode] = [m["loss"] for m in lines if "batch" in m]
     assert len(losses["eager"]) >= 6 and losses["graph"] == pytest.approx(losses["eager"], rel=1e-4)
+
+
+def test_a_new_run_never_reuses_or_clobbers_files_in_its_folder(setup, tmp_path):
+    """A folder with a failed run's split.json (other shots) or someone's files is refused, untouched."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "split.json").write_text("{}")
+    (out / "log.txt").write_text("someone's log")
+    r = _train(setup, out)
+    assert r.returncode == 2 and "not empty" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert sorted(p.name for p in out.iterdir()) == ["log.txt", "split.json"]
+    assert (out / "log.txt").read_text() == "someone's log"
+    (tmp_path / "afile").write_text("x")
+    r = _train(setup, tmp_path / "afile")
+    assert r.returncode == 2 and "is a file" in r.stderr
+
+
+def test_parameters_gone_nan_never_overwrite_the_last_good_checkpoint(setup, tmp_path):
+    """lr 3e38 from epoch 2 on sends the context to inf/nan; with a checkpoint due after every step,
+    the one on disk must still be the last finite one, and the run stops with one line."""
+    out = tmp_path / "run"
+    r = _train(setup, out, "--lr", "3e38", "--save-every", "1")
+    assert r.returncode == 2 and "nan" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "last good checkpoint is kept" in r.stderr
+    ctx = load_file(str(out / "checkpoint.safetensors"))["ctx"]
+    assert torch.isfinite(ctx).all()
+    state = torch.load(out / "state.pt", weights_only=True)
+    assert all(torch.isfinite(v).all() for v in state["params"].values())
+
+
+def test_evaluate_never_overwrites_results_and_names_a_bad_prompt_file(setup, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "results.json").write_text('{"accuracy": 1.0}')
+    r = subprocess.run(_cmd("coop_min.evaluate", setup, "--zero-shot", "--output", str(out)),
+                       env=ENV, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "already holds a results.json" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert (out / "results.json").read_text() == '{"accuracy": 1.0}'
+    bad = tmp_path / "prompt.safetensors"
+    bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    r = subprocess.run(_cmd("coop_min.evaluate", setup, "--prompt", str(bad)), env=ENV, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 2 and "cannot read prompt file" in r.stderr and len(r.stderr.strip().splitlines()) == 1

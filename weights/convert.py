@@ -386,6 +386,7 @@ def main(argv=None):
     doc = __doc__.split("\n\n")
     parser = argparse.ArgumentParser(prog="convert.py", description=doc[0], epilog="\n\n".join(doc[2:]),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.error = lambda message: parser.exit(2, f"convert.py: error: {message}; see --help\n")  # one line
     parser.add_argument("src", help="OpenAI .pt (TorchScript or state dict), open_clip .pt/.pth/.bin/.ckpt/"
                                     ".safetensors state dict, or a Hugging Face CLIPModel directory")
     parser.add_argument("dst", help="output .safetensors file (replaced atomically)")
@@ -396,9 +397,12 @@ def main(argv=None):
     parser.add_argument("--vision-heads", type=int, help="image-tower heads when not width/64 (open_clip ViT-H-14: 16)")
     parser.add_argument("--text-heads", type=int, help="text-tower heads when not width/64")
     args = parser.parse_args(argv)
+    for name in ("vision_heads", "text_heads"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     try:
         meta = convert(args.src, args.dst, args.dtype, args.gelu, args.vision_heads, args.text_heads)
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, SafetensorError) as e:   # SafetensorError: e.g. DST not writable
         print(f"convert.py: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     c = json.loads(meta["config"])
