@@ -769,10 +769,13 @@ def _parse(argv):
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         p.exit(2, "bench.py: error: --device cuda but torch sees no CUDA GPU; use --device cpu\n")
-    if args.json and os.path.exists(args.json):      # a long run's results are never overwritten
-        p.exit(2, f"bench.py: error: --json {args.json} exists; pick a new path (or remove it)\n")
-    if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
-        p.exit(2, f"bench.py: error: --json {args.json}: its folder does not exist\n")
+    if args.json:                                     # now, not after a long run; and never overwrite one
+        try:
+            open(args.json, "x").close()
+            os.remove(args.json)
+        except OSError as e:
+            why = "exists; pick a new path (or remove it)" if os.path.exists(args.json) else f"cannot be written ({e.strerror})"
+            p.exit(2, f"bench.py: error: --json {args.json} {why}\n")
     prefixes = [s for s in args.cases.split(",") if s]
     args.selected = [c for c in all_cases(args.smoke) if not prefixes or any(c.name.startswith(s) for s in prefixes)]
     if not args.selected:

@@ -432,6 +432,10 @@ def load_clip(path, device="cpu", dtype=None) -> CLIP:
         raise FileNotFoundError(f"CLIP weights not found: {path}; convert a checkpoint with weights/convert.py") from None
     except Exception as e:
         raise ValueError(f"cannot read CLIP weights {path} ({e}); is it a safetensors file written by weights/convert.py?") from None
-    config = json.loads(meta["config"]) if "config" in meta else None
-    model = build_clip(sd, config).to(device)
+    try:
+        config = json.loads(meta["config"]) if "config" in meta else None
+        model = build_clip(sd, config).to(device)
+    except (ValueError, TypeError) as e:  # bad config metadata, or tensors that are no CLIP
+        raise ValueError(f"{path} holds no CLIP that loads ({' '.join(str(e).split())}); convert a CLIP "
+                         "checkpoint with weights/convert.py") from None
     return convert_dtype(model, dtype) if dtype not in (None, torch.float32) else model

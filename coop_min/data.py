@@ -140,7 +140,8 @@ def load_dataset(root, name="auto", split_seed=1) -> DatasetSplits:
 
 def _check_dir(root):
     if not os.path.isdir(root):
-        raise ValueError(f"data folder {root} does not exist; pass --data the dataset folder or the data root")
+        what = "is a file, not a folder" if os.path.exists(root) else "does not exist"
+        raise ValueError(f"data folder {root} {what}; pass --data the dataset folder or the data root")
     return root
 
 
@@ -441,7 +442,9 @@ class ImageDataset(Dataset):
         self.skip_bad, self.epoch = skip_bad, 0
         self.cache = None
         if cache_decoded:  # a bad file raises now, or (skip_bad) its error is kept and the sample skipped at each use
-            self.cache = [_load_or_error(d.path) if skip_bad else load_image(d.path, rgb=True) for d in self.items]
+            self.cache = [_load_or_error(d.path) for d in self.items]
+            if not skip_bad and (bad := next((e for e in self.cache if isinstance(e, str)), None)):
+                raise ValueError(f"{bad}; {_SKIP_ADVICE}")
 
     def set_epoch(self, epoch):
         self.epoch = epoch
@@ -459,9 +462,12 @@ class ImageDataset(Dataset):
         except ValueError as e:  # load_image and the transforms raise ValueError for bad image content
             reason = str(e) if d.path in str(e) else f"cannot use image {d.path}: {e}"
             if not self.skip_bad:
-                raise ValueError(reason) from e
+                raise ValueError(f"{reason}; {_SKIP_ADVICE}") from e
             return None, (d.path, reason)
         return x, d.label  # (3, n_px, n_px) float32, int
+
+
+_SKIP_ADVICE = "remove it or pass --skip-bad-images"
 
 
 def _load_or_error(path):

@@ -21,6 +21,7 @@ Rank 0 alone writes files; `barrier` orders the rest after it.
 Without torchrun every function here is the identity (world 1), so callers need no branches.
 """
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -74,11 +75,25 @@ def setup(device):
 
 
 def teardown():
-    """Leave torchrun's process group at the end of a run (a no-op without one). Left to interpreter
-    exit, the group's threads are torn down in no fixed order, and a rank that finished its run can
-    abort ("terminate called without an active exception", exit code -6)."""
+    """Leave torchrun's process group when a run stops on an error (a no-op without one)."""
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def end_rank():
+    """After a successful torchrun run: wait for every rank, flush, and end the process at once.
+
+    Why: twice in CI a rank that had finished everything (files written, results printed) then
+    aborted in the C++ teardown of the gloo group ("terminate called without an active exception",
+    SIGABRT), once even after destroy_process_group. Nothing is left to do but Python's shutdown,
+    so os._exit skips it. Files are closed or flushed by then (atomic writes, flushed logs).
+    A no-op without a process group."""
+    if not dist.is_initialized():
+        return
+    dist.barrier()                           # no rank leaves while another still needs it
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def split(n, world: World):

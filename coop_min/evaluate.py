@@ -191,10 +191,13 @@ def main(argv=None):
     if args.output and os.path.exists(os.path.join(args.output, "results.json")):   # never lose a result
         p.error(f"--output {args.output} already holds a results.json (a run's or an earlier evaluation's); "
                 "pick another --output")
+    if args.prompt and args.templates != "single":
+        p.error("--templates is for zero-shot classifiers; a --prompt brings its own learned context")
     if args.output and os.path.exists(args.output) and not os.path.isdir(args.output):
         p.error(f"--output {args.output} is a file, not a folder")
     try:
         run(args)
+        dist.end_rank()                      # torchrun: see there
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

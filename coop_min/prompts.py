@@ -123,7 +123,11 @@ class _PromptLearner(nn.Module):
 
         names = [name.replace("_", " ") for name in classnames]
         self.name_lens = [len(encode(name)) for name in names]
-        tokens = tokenize([f"{prompt_prefix} {name}." for name in names], clip.config.context_length)
+        L = clip.config.context_length
+        if too_long := [n for n, k in zip(names, self.name_lens) if M + k + 3 > L]:  # SOT, ctx, name, ".", EOT
+            raise ValueError(f"{M} context tokens + class name {too_long[0]!r} ({len(encode(too_long[0]))} tokens) "
+                             f"+ SOT, '.' and EOT exceed CLIP's {L} tokens; lower --n-ctx (or shorten --ctx-init)")
+        tokens = tokenize([f"{prompt_prefix} {name}." for name in names], L)
         if config.ctx_init and not (tokens[:, 1:1 + M] == torch.tensor(encode(prompt_prefix))).all():
             raise ValueError(f"ctx_init={config.ctx_init!r} tokenizes differently when followed by a class "
                              "name; end it with a word, not punctuation")

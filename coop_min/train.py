@@ -33,6 +33,7 @@ from coop_min.clip import convert_dtype, load_clip
 from coop_min.cuda_graph import TrainStep
 from coop_min.prompts import PromptConfig, build_prompted_clip, export_classifier, load_prompt, save_prompt
 from coop_min.templates import templates_for
+from coop_min.tokenizer import encode
 from coop_min.transforms import train_transform
 
 DEMO_WEIGHTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "weights", "tiny_clip.safetensors")
@@ -99,6 +100,12 @@ def resolve(cfg: TrainConfig, dataset_name: str) -> TrainConfig:
     cocoop = cfg.method == "cocoop"
     if cfg.ctx_init is None:
         cfg.ctx_init = "a photo of a" if cocoop else ""
+    if cfg.ctx_init.strip():                 # the phrase sets M (its BPE tokens), as in the official code
+        m = len(encode(cfg.ctx_init.replace("_", " ")))
+        if cfg.n_ctx is not None and cfg.n_ctx != m:
+            raise ValueError(f"--n-ctx {cfg.n_ctx} disagrees with --ctx-init {cfg.ctx_init!r}, whose {m} tokens set "
+                             f"M; drop --n-ctx, or pass --ctx-init \"\" for {cfg.n_ctx} random context vectors")
+        cfg.n_ctx = m
     if cfg.n_ctx is None:
         cfg.n_ctx = 4 if cocoop else 16
     if cfg.epochs is None:
@@ -458,7 +465,7 @@ def parse_args(argv=None) -> TrainConfig:
     a("--weights", help="CLIP safetensors from weights/convert.py (default: weights/tiny_clip.safetensors)")
     a("--method", default="coop", choices=["coop", "cocoop"])
     a("--shots", type=int, default=16, help="training images per class (default 16)")
-    a("--n-ctx", type=int, help="context length M (paper: 16 CoOp, 4 CoCoOp)")
+    a("--n-ctx", type=int, help="context length M (paper: 16 CoOp, 4 CoCoOp); a --ctx-init phrase sets it")
     a("--ctx-init", help='initial context phrase, "" for random N(0, 0.02) (paper: random CoOp, "a photo of a" CoCoOp)')
     a("--csc", action="store_true", help="class-specific contexts (CoOp)")
     a("--class-token-position", default="end", choices=["end", "middle", "front"])
@@ -498,6 +505,7 @@ def main(argv=None):
     cfg = parse_args(argv)
     try:
         run(cfg)
+        dist.end_rank()                      # torchrun: see there
     except (ValueError, FileNotFoundError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

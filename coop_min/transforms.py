@@ -59,7 +59,7 @@ def load_image(path, rgb=False):
             img = _to_rgb(img)
     except Exception as e:  # PIL's decoders raise OSError, SyntaxError, ValueError, struct.error, ...
         reason = " ".join((getattr(e, "strerror", None) or str(e) or type(e).__name__).split())
-        raise BadImageError(f"cannot read image {path}: {reason}; remove it or pass --skip-bad-images") from e
+        raise BadImageError(f"cannot read image {path}: {reason}") from e
     return img
 
 

@@ -110,3 +110,14 @@ def test_distributed_smoke_reports_shard_cost_and_two_process_scaling(tmp_path):
     assert all(_finite(r["ms"]) and r["ms"] > 0 for r in cost.values())
     assert [r["world"] for r in report["scaling"]] == [1, 2]
     assert all(_finite(r["steps_per_s"]) for r in report["scaling"])
+
+
+def test_json_that_exists_or_cannot_be_written_is_refused_before_the_run(tmp_path):
+    kept = tmp_path / "kept.json"
+    kept.write_text('{"results": "of an earlier run"}')
+    for path, message in ((kept, "exists"), (tmp_path / "no" / "such" / "x.json", "cannot be written")):
+        run = subprocess.run([sys.executable, "bench.py", "--device", "cpu", "--smoke", "--json", str(path)],
+                             cwd=ROOT, capture_output=True, text=True, timeout=60)
+        lines = run.stderr.strip().splitlines()
+        assert run.returncode == 2 and len(lines) == 1 and message in lines[0], run.stderr
+    assert kept.read_text() == '{"results": "of an earlier run"}'

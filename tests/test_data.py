@@ -374,7 +374,7 @@ def test_unreadable_image_raises_or_is_skipped_and_counted(tmp_path):
     items = _folder_items(tmp_path, 4)
     with open(items[2].path, "wb") as f:
         f.write(b"not an image")
-    with pytest.raises(ValueError, match="2.png"):
+    with pytest.raises(ValueError, match="2.png.*; remove it or pass --skip-bad-images$"):
         list(D.make_loader(D.ImageDataset(items, _eval_tf), 4))
     loader = D.make_loader(D.ImageDataset(items, _eval_tf, skip_bad=True), 2)
     batches = [y.tolist() for _, y in loader]
@@ -388,7 +388,7 @@ def test_decoded_cache_survives_file_removal_and_keeps_bad_files_visible(tmp_pat
     assert torch.equal(ds[1][0], torch.tensor([1.0, 7.0, 9.0]).view(3, 1, 1).expand(3, 8, 8))
     with pytest.raises(ValueError, match="1.png"):
         D.ImageDataset(items, _eval_tf)[1]
-    with pytest.raises(ValueError, match="1.png"):  # caching decodes up front: a bad file fails at once
+    with pytest.raises(ValueError, match="1.png.*--skip-bad-images$"):  # caching decodes up front: fails at once
         D.ImageDataset(items, _eval_tf, cache_decoded=True)
     skipping = D.ImageDataset(items, _eval_tf, cache_decoded=True, skip_bad=True)
     loader = D.make_loader(skipping, 3)

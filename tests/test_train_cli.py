@@ -103,6 +103,9 @@ def test_killed_run_resumes_bit_identical(setup):
     (["--class-token-position", "bogus"], "invalid choice"),
     (["--device", "nonsense"], "not a device"),
     (["--device", "cuda:99"], "--device cuda:99"),
+    (["--n-ctx", "2", "--ctx-init", "a photo of a"], "disagrees with --ctx-init"),
+    (["--method", "cocoop", "--n-ctx", "2"], "--ctx-init \"\" for 2 random"),
+    (["--n-ctx", "100"], "lower --n-ctx"),
 ])
 def test_bad_inputs_exit_2_with_one_line(setup, tmp_path, args, message):
     cmd = _cmd("coop_min.train", setup, "--output", str(tmp_path / "run"), "--epochs", "1") + args
@@ -192,3 +195,25 @@ def test_evaluate_never_overwrites_results_and_names_a_bad_prompt_file(setup, tm
     r = subprocess.run(_cmd("coop_min.evaluate", setup, "--prompt", str(bad)), env=ENV, capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 2 and "cannot read prompt file" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_wrong_files_and_flag_combinations_get_one_line(setup, tmp_path):
+    from safetensors.torch import save_file
+
+    unrelated = tmp_path / "unrelated.safetensors"
+    save_file({"a": torch.zeros(3)}, str(unrelated))
+    cases = [("coop_min.train", ["--data", setup["weights"]], "is a file, not a folder"),
+             ("coop_min.evaluate", ["--weights", str(unrelated)], "holds no CLIP that loads"),
+             ("coop_min.evaluate", ["--prompt", str(unrelated), "--templates", "ensemble"], "--templates is for zero-shot")]
+    for module, args, message in cases:
+        r = subprocess.run(_cmd(module, setup, "--output", str(tmp_path / "out"), *args), env=ENV,
+                           capture_output=True, text=True, timeout=120)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(lines) == 1 and message in lines[0], (args, r.stderr)
+
+
+def test_a_context_phrase_sets_and_records_m(setup, tmp_path):
+    out = tmp_path / "run"
+    assert _train(setup, out, "--epochs", "1", "--ctx-init", "a photo of a").returncode == 0
+    assert json.loads((out / "config.json").read_text())["n_ctx"] == 4          # not the CoOp default 16
+    assert load_file(str(out / "prompt.safetensors"))["ctx"].shape[0] == 4

@@ -323,5 +323,5 @@ def test_load_image_failures_name_the_file(tmp_path, content):
         T.load_image(path)
     msg = str(e.value)
     assert isinstance(e.value, ValueError)
-    assert msg.startswith(f"cannot read image {path}: ") and msg.endswith("pass --skip-bad-images")
+    assert msg.startswith(f"cannot read image {path}: ") and "skip" not in msg   # the advice is the caller's
     assert "\n" not in msg

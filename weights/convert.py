@@ -30,6 +30,7 @@ import json
 import os
 import pickle
 import sys
+import warnings
 import zipfile
 from dataclasses import asdict
 from pathlib import Path
@@ -151,12 +152,15 @@ def read_torchscript(path) -> dict:
 
 def _torch_load(path):
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # a plain pickle warns about its protocol before failing below
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # weights_only refuses anything but tensors and plain containers
         lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
         # weights_only wraps its reason ("unsupported GLOBAL posix.system ...") in two lines of advice
         reason = lines[-2] if lines[0].startswith("Weights only load failed") and len(lines) > 2 else lines[0]
-        raise ValueError(f"cannot read {path} with torch.load(weights_only=True): {reason}") from None
+        raise ValueError(f"cannot read {path} with torch.load(weights_only=True): {reason}; is it a PyTorch "
+                         "checkpoint (torch.save) of a CLIP state dict?") from None
 
 
 def _read_safetensors(path):
