@@ -121,3 +121,20 @@ def test_json_that_exists_or_cannot_be_written_is_refused_before_the_run(tmp_pat
         lines = run.stderr.strip().splitlines()
         assert run.returncode == 2 and len(lines) == 1 and message in lines[0], run.stderr
     assert kept.read_text() == '{"results": "of an earlier run"}'
+
+
+def test_gradient_check_catches_a_bug_the_loss_misses(monkeypatch):
+    """ours with its labels off by one: at random init the loss barely moves, the context gradient does."""
+    from coop_min import prompts
+
+    args = bench._parse(["--device", "cpu", "--smoke", "--cases", "coop-vit_tiny-c8"])
+    case, device = bench.Case("coop-c300", "coop", "vit_tiny", 300, 4, 16, repeats=1), torch.device("cpu")
+    models = bench._Models(case.arch, device, args)
+    honest = bench._summarise(case, bench._train_case(case, models, device, args))
+    assert honest["match"] and honest["grad_rel_diff"] < 1e-4          # fp32 on CPU: the same function
+    loss = prompts.PromptedCLIP.loss
+    monkeypatch.setattr(prompts.PromptedCLIP, "loss", lambda self, x, y, **k: loss(self, x, y.roll(1), **k))
+    broken = bench._summarise(case, bench._train_case(case, models, device, args))
+    assert broken["loss_rel_diff"] < bench.TOLERANCE                  # the loss alone would pass it
+    assert broken["grad_rel_diff"] > bench.GRAD_TOLERANCE and not broken["match"]
+    assert all("grad" not in m for m in broken["methods"].values())   # no tensors left for the JSON
