@@ -21,17 +21,21 @@ for both paths:
 On CPU both paths compute in fp32.
 
 Cases: CoOp train steps (batch 32, M=16) at 10/100/1000 classes for ViT-B/16 and RN50, CoCoOp train
-steps (M=4) at 50/500 classes and batch 1/8, zero-shot evaluation (batch 256, 1000 classes), and
-the classification head alone (fused kernel vs its eager twin vs torch.compile of the twin, with
+steps (M=4) at 50/500 classes and batch 1/8, zero-shot evaluation (batch 256, 1000 classes), and the
+classification head alone (fused kernel vs its eager twin vs torch.compile of the twin, with
 achieved GB/s against a measured device-to-device copy). Zero-shot also times ours with the image
 encoder under torch.compile (unless --no-compile; the compile itself is not timed), to show what
 fusing its elementwise work (LayerNorm's fp32 casts, QuickGELU's three kernels) would give. Before
 timing, each case checks that both paths compute the same loss on the same inputs (relative 2e-2:
 fp16 against bf16) and, for train steps, the same first-step gradient of the context (relative
-0.15): at random init the loss sits near log C whatever the prompts, so it alone misses real bugs. Each method is timed after a warm-up as the median of N steps, each bracketed
-by CUDA events and a synchronize (the official trainer syncs every step too: loss.item()). Peak memory is that path alone: its CLIP
-weights plus the most it allocated during the case (torch.cuda.max_memory_allocated, reset per
-method). A case that runs out of memory reports OOM. The process exits 1 if a check failed.
+0.15): at random init the loss sits near log C whatever the prompts, so it alone misses real bugs.
+Each method is timed after a warm-up as the median of N steps, each bracketed by CUDA events and a
+synchronize (the official trainer syncs every step too: loss.item()). Left out of both paths: the
+batch's host-to-device copy and the loops' bookkeeping (Dassl's per-step NaN check and accuracy, two
+more syncs in CoOp; our loop's accuracy count and finite check), so the official step measured here
+is, if anything, a little faster than the real one. Peak memory is that path alone: its CLIP weights
+plus the most it allocated during the case (torch.cuda.max_memory_allocated, reset per method). A
+case that runs out of memory reports OOM. The process exits 1 if a check failed.
 
 `--distributed` measures data-parallel CoOp (coop_min/distributed.py) instead of the cases above:
 - a per-rank cost model on one device: the text encoder's forward and backward over the 1/N of the
