@@ -419,7 +419,12 @@ def run(cfg: TrainConfig):
     t0 = time.time()
     train_epochs(cfg, model, dataset, log, folder, world)
     log.print(f"finished training in {(time.time() - t0) / 60:.1f} min")
+    return _save_and_test(cfg, clip, clip_sha, model, few, train_split, splits.name, log, folder, world)
 
+
+def _save_and_test(cfg, clip, clip_sha, model, few, train_split, dataset_name, log, folder, world):
+    """Write the learned prompt (and CoOp's classifier), test it and zero-shot CLIP on the test split
+    (base-to-new: also on the new half), write results.json and print the table; returns the results."""
     model.class_shard = None                 # evaluation shards images, not classes
     prompt_path = os.path.join(folder, "prompt.safetensors")
     if world.main:
@@ -429,7 +434,7 @@ def run(cfg: TrainConfig):
     dist.barrier(world)                      # the prompt file is written before any rank reads it
     model.eval()
     learned, zero_shot = _evaluate_classes(cfg, clip, model, train_split, world)
-    results = {**learned, "dataset": splits.name, "method": cfg.method, "shots": cfg.shots, "seed": cfg.seed,
+    results = {**learned, "dataset": dataset_name, "method": cfg.method, "shots": cfg.shots, "seed": cfg.seed,
                "subsample": cfg.subsample, "zero_shot": zero_shot}
     rows = [(f"zero-shot CLIP ({cfg.subsample})", zero_shot), (f"{cfg.method} ({cfg.subsample})", learned)]
     if cfg.subsample == "base" and not cfg.csc:
@@ -443,7 +448,7 @@ def run(cfg: TrainConfig):
         rows += [("zero-shot CLIP (new)", new_zero_shot), (f"{cfg.method} (new)", new)]
     if world.main:
         _write_json(os.path.join(folder, "results.json"), results)
-    log.print(E.format_table(rows, f"test accuracy, {splits.name}, {cfg.shots} shots, seed {cfg.seed}"))
+    log.print(E.format_table(rows, f"test accuracy, {dataset_name}, {cfg.shots} shots, seed {cfg.seed}"))
     if "harmonic_mean" in results:
         log.print(f"base {results['base']:.2f}  new {results['new']:.2f}  H {results['harmonic_mean']:.2f}"
                   f"  (zero-shot H {results['zero_shot_harmonic_mean']:.2f})")
