@@ -131,6 +131,17 @@ def _randomise_batchnorm(sd, gen):
     return sd
 
 
+def _randomise_identities(sd, gen):
+    # At init LayerNorm is the identity (weight 1, bias 0) and attention / MLP biases are 0: swapping
+    # ln_1 for ln_2 or dropping a bias would go unseen. Perturb them so each parameter matters.
+    for k in sd:
+        if k.endswith(".weight") and any(f"{ln}." in k for ln in ("ln_1", "ln_2", "ln_pre", "ln_post", "ln_final")):
+            sd[k] = 1 + 0.1 * torch.randn(sd[k].shape, generator=gen)
+        elif k.endswith(".bias") or k.endswith(".in_proj_bias"):
+            sd[k] = sd[k] + 0.05 * torch.randn(sd[k].shape, generator=gen)
+    return sd
+
+
 def _tokens(n, L=77, seed=0):
     g = torch.Generator().manual_seed(seed)
     tokens = torch.zeros(n, L, dtype=torch.long)
@@ -150,7 +161,7 @@ def _rel(a, b):
 def test_vit_b16_real_shapes_match_reference():
     torch.manual_seed(0)
     cfg = _config("ViT-B/16")
-    sd = CLIP(cfg).state_dict()
+    sd = _randomise_identities(CLIP(cfg).state_dict(), torch.Generator().manual_seed(5))
     model = build_clip(sd)
     images = torch.randn(2, 3, 224, 224)
     tokens = _tokens(3)
@@ -204,6 +215,14 @@ def test_bf16_keeps_layernorm_fp32_and_stays_close():
     with torch.no_grad():
         a, b = ref.encode_text(tokens), low.encode_text(tokens).float()
     assert F.cosine_similarity(a, b).min() > 0.99
+    # the LayerNorms of the bf16 model compute in fp32: exactly fp32 LN of the bf16 input, rounded once
+    ln = low.transformer.resblocks[0].ln_1
+    with torch.no_grad():
+        ln.weight.copy_(1 + 0.3 * torch.randn(64))
+        ln.bias.copy_(0.3 * torch.randn(64))
+        x = (3 * torch.randn(5, 7, 64) + 1).to(torch.bfloat16)
+        expected = F.layer_norm(x.float(), (64,), ln.weight, ln.bias, ln.eps).to(torch.bfloat16)
+        assert ln(x).dtype == torch.bfloat16 and torch.equal(ln(x), expected)
 
 
 def test_bad_state_dicts_give_clear_errors():
