@@ -40,17 +40,21 @@ def runs(e2e_setup):
     root, out = e2e_setup["root"] / "dist", {}
     plans = {"coop_1": ((), 1), "coop_2": ((), 2), "coop_2_unsharded": (("--no-shard-text",), 2),
              "cocoop_1": (("--method", "cocoop", "--epochs", "2"), 1),
-             "cocoop_2": (("--method", "cocoop", "--epochs", "2"), 2)}
+             "cocoop_2": (("--method", "cocoop", "--epochs", "2"), 2),
+             # a global batch of 1 leaves rank 1 without images at every step (its zero-loss path)
+             "coop_1_b1": (("--batch-size", "1", "--epochs", "2", "--shots", "1"), 1),
+             "coop_2_b1": (("--batch-size", "1", "--epochs", "2", "--shots", "1"), 2)}
     for name, (args, nproc) in plans.items():
         out[name] = root / name
         _train(e2e_setup, out[name], *args, nproc=nproc)
     return out
 
 
-@pytest.mark.parametrize("name", ["coop_2", "coop_2_unsharded", "cocoop_2"])
-def test_two_processes_learn_the_single_process_prompt(e2e_setup, runs, name):
+@pytest.mark.parametrize("name,one", [("coop_2", "coop_1"), ("coop_2_unsharded", "coop_1"), ("cocoop_2", "cocoop_1"),
+                                      ("coop_2_b1", "coop_1_b1")])
+def test_two_processes_learn_the_single_process_prompt(e2e_setup, runs, name, one):
     method = name.split("_")[0]
-    single, parallel = _ctx(runs[method + "_1"]), _ctx(runs[name])
+    single, parallel = _ctx(runs[one]), _ctx(runs[name])
     assert single.keys() == parallel.keys()
     for key in single:
         assert torch.allclose(parallel[key], single[key], rtol=0, atol=1e-6), (key, (parallel[key] - single[key]).abs().max())

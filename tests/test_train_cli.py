@@ -74,7 +74,7 @@ def test_killed_run_resumes_bit_identical(setup):
     metrics = killed / "metrics.jsonl"
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:     # kill in the middle of epoch 2
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= 6:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 12:   # 9 lines per epoch
             proc.send_signal(signal.SIGKILL)
             break
         time.sleep(0.005)
