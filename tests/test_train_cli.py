@@ -130,6 +130,20 @@ def test_evaluate_interprets_context_and_classifies_one_image(setup, tmp_path):
     assert r.returncode == 0, r.stderr
     probs = [float(line.split("%")[0]) for line in r.stdout.strip().splitlines()]
     assert len(probs) == 5 and probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 100.01
+    from coop_min.clip import load_clip                  # the same top 5 from the saved prompt, in-process
+    from coop_min.prompts import load_prompt
+    from coop_min.transforms import image_transform, load_image
+    clip = load_clip(setup["weights"])
+    model = load_prompt(str(out / "prompt.safetensors"), clip)
+    with torch.no_grad():
+        x = image_transform(clip.visual.input_resolution)(load_image(image, rgb=True))[None]
+        top = model.logits(x).softmax(-1)[0].topk(5)
+    printed = [line.split("%", 1)[1].strip() for line in r.stdout.strip().splitlines()]
+    assert printed == [model.learner.classnames[i] for i in top.indices.tolist()]
+    assert probs == pytest.approx([100 * p for p in top.values.tolist()], abs=0.01)
+    r = subprocess.run(_cmd("coop_min.evaluate", setup, "--image", image), env=ENV, capture_output=True, text=True,
+                       timeout=120)                      # zero-shot, with the dataset's template
+    assert r.returncode == 0 and len(r.stdout.strip().splitlines()) == 5, r.stderr
     bad = tmp_path / "bad.jpg"
     bad.write_bytes(b"not an image")
     r = subprocess.run(_cmd("coop_min.evaluate", setup, "--prompt", str(out), "--image", str(bad)),
