@@ -134,6 +134,30 @@ def test_small_hf_clip_converts_by_cli_and_matches_transformers(tmp_path):
     assert max(errors.values()) <= 1e-5, errors
 
 
+def test_hf_sharded_bin_and_old_config_layouts_convert_to_the_same_tensors(tmp_path):
+    """The same model saved as shards with an index, as pytorch_model.bin, and with an old config.json
+    (text_config_dict / vision_config_dict) converts to exactly the single-file result."""
+    import shutil
+
+    hf, directory = _hf_clip(tmp_path, 3, *_small_hf_config(), projection_dim=32)
+    convert.convert(directory, tmp_path / "single.safetensors")
+    sharded, as_bin, old = tmp_path / "sharded", tmp_path / "bin", tmp_path / "old"
+    hf.save_pretrained(sharded, max_shard_size="200KB")
+    assert (sharded / "model.safetensors.index.json").is_file() and len(list(sharded.glob("model-*.safetensors"))) > 2
+    as_bin.mkdir()
+    shutil.copy(directory / "config.json", as_bin / "config.json")
+    torch.save(hf.state_dict(), as_bin / "pytorch_model.bin")
+    shutil.copytree(directory, old)
+    config = json.loads((old / "config.json").read_text())
+    config["text_config_dict"], config["vision_config_dict"] = config.pop("text_config"), config.pop("vision_config")
+    (old / "config.json").write_text(json.dumps(config))
+    expected = load_file(str(tmp_path / "single.safetensors"))
+    for source in (sharded, as_bin, old):
+        convert.convert(source, tmp_path / f"{source.name}.safetensors")
+        got = load_file(str(tmp_path / f"{source.name}.safetensors"))
+        assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in expected), source
+
+
 def test_hf_gelu_config_converts_to_gelu_and_matches(tmp_path):
     hf, directory = _hf_clip(tmp_path, 1, *_small_hf_config("gelu"), projection_dim=32)
     meta = convert.convert(directory, tmp_path / "clip.safetensors")
