@@ -124,8 +124,8 @@ class _PromptLearner(nn.Module):
         names = [name.replace("_", " ") for name in classnames]
         self.name_lens = [len(encode(name)) for name in names]
         L = clip.config.context_length
-        if too_long := [n for n, k in zip(names, self.name_lens) if M + k + 3 > L]:  # SOT, ctx, name, ".", EOT
-            raise ValueError(f"{M} context tokens + class name {too_long[0]!r} ({len(encode(too_long[0]))} tokens) "
+        if too_long := [(n, k) for n, k in zip(names, self.name_lens) if M + k + 3 > L]:  # SOT, ctx, name, ".", EOT
+            raise ValueError(f"{M} context tokens + class name {too_long[0][0]!r} ({too_long[0][1]} tokens) "
                              f"+ SOT, '.' and EOT exceed CLIP's {L} tokens; lower --n-ctx (or shorten --ctx-init)")
         tokens = tokenize([f"{prompt_prefix} {name}." for name in names], L)
         if config.ctx_init and not (tokens[:, 1:1 + M] == torch.tensor(encode(prompt_prefix))).all():

@@ -33,7 +33,6 @@ from coop_min.clip import convert_dtype, load_clip
 from coop_min.cuda_graph import TrainStep
 from coop_min.prompts import PromptConfig, build_prompted_clip, export_classifier, load_prompt, save_prompt
 from coop_min.templates import templates_for
-from coop_min.tokenizer import encode
 from coop_min.transforms import train_transform
 
 DEMO_WEIGHTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "weights", "tiny_clip.safetensors")
@@ -101,7 +100,7 @@ def resolve(cfg: TrainConfig, dataset_name: str) -> TrainConfig:
     if cfg.ctx_init is None:
         cfg.ctx_init = "a photo of a" if cocoop else ""
     if cfg.ctx_init.strip():                 # the phrase sets M (its BPE tokens), as in the official code
-        m = len(encode(cfg.ctx_init.replace("_", " ")))
+        m = PromptConfig(method=cfg.method, ctx_init=cfg.ctx_init).n_ctx       # prompts.py's rule, not a copy
         if cfg.n_ctx is not None and cfg.n_ctx != m:
             raise ValueError(f"--n-ctx {cfg.n_ctx} disagrees with --ctx-init {cfg.ctx_init!r}, whose {m} tokens set "
                              f"M; drop --n-ctx, or pass --ctx-init \"\" for {cfg.n_ctx} random context vectors")
