@@ -625,8 +625,7 @@ def _scaling_worker(rank, world_size, port, args, out):
     if world.main:
         with open(out, "w") as f:
             json.dump({"world": world_size, "ms": ms}, f)
-    if world.size > 1:
-        torch.distributed.destroy_process_group()
+    dist.end_rank()                  # as coop_min.train: gloo's teardown has aborted finished ranks
 
 
 def _scaling(args, device):

@@ -83,9 +83,9 @@ def teardown():
 def end_rank():
     """After a successful torchrun run: wait for every rank, flush, and end the process at once.
 
-    Why: twice in CI a rank that had finished everything (files written, results printed) then
-    aborted in the C++ teardown of the gloo group ("terminate called without an active exception",
-    SIGABRT), once even after destroy_process_group. Nothing is left to do but Python's shutdown,
+    Why: in CI, ranks that had finished everything (files written, results printed) then aborted in
+    the C++ teardown of the gloo group ("terminate called without an active exception", SIGABRT):
+    twice in train runs, once in bench.py's scaling workers, also after destroy_process_group. Nothing is left to do but Python's shutdown,
     so os._exit skips it. Files are closed or flushed by then (atomic writes, flushed logs).
     A no-op without a process group."""
     if not dist.is_initialized():
