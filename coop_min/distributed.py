@@ -85,9 +85,9 @@ def end_rank():
 
     Why: in CI, ranks that had finished everything (files written, results printed) then aborted in
     the C++ teardown of the gloo group ("terminate called without an active exception", SIGABRT):
-    twice in train runs, once in bench.py's scaling workers, also after destroy_process_group. Nothing is left to do but Python's shutdown,
-    so os._exit skips it. Files are closed or flushed by then (atomic writes, flushed logs).
-    A no-op without a process group."""
+    twice in train runs, once in bench.py's scaling workers, also after destroy_process_group.
+    Nothing is left to do but Python's shutdown, so os._exit skips it. Files are closed or flushed
+    by then (atomic writes, flushed logs). A no-op without a process group."""
     if not dist.is_initialized():
         return
     dist.barrier()                           # no rank leaves while another still needs it
