@@ -7,7 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from coop_min.clip import CLIP, CLIPConfig, build_clip, convert_dtype, infer_config
+from coop_min.clip import (CLIP, CLIPConfig, LayerNorm, QuickGELU, ResidualAttentionBlock, build_clip,
+                           convert_dtype, infer_config)
 
 # name: (embed, resolution, vision layers, vision width, patch, text width, text heads, text layers)
 OPENAI_MODELS = {
@@ -223,6 +224,61 @@ def test_bf16_keeps_layernorm_fp32_and_stays_close():
         x = (3 * torch.randn(5, 7, 64) + 1).to(torch.bfloat16)
         expected = F.layer_norm(x.float(), (64,), ln.weight, ln.bias, ln.eps).to(torch.bfloat16)
         assert ln(x).dtype == torch.bfloat16 and torch.equal(ln(x), expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_layernorm_and_quickgelu_gradients_are_the_bits_of_the_plain_expressions(dtype):
+    # both keep less for backward than autograd of OpenAI's expressions would, and recompute the rest:
+    # the gradients must still be exactly what autograd of those expressions gives
+    g = torch.Generator().manual_seed(7)
+    x0 = (3 * torch.randn(5, 7, 64, generator=g) + 1).to(dtype)
+    grad = torch.randn(5, 7, 64, generator=g).to(dtype)
+    ln = LayerNorm(64)                          # fp32 weights, as convert_dtype leaves them
+    with torch.no_grad():
+        ln.weight.copy_(1 + 0.3 * torch.randn(64, generator=g))
+        ln.bias.copy_(0.3 * torch.randn(64, generator=g))
+    w, b = ln.weight.detach().clone().requires_grad_(), ln.bias.detach().clone().requires_grad_()
+    x, xr = x0.clone().requires_grad_(), x0.clone().requires_grad_()
+    ln(x).backward(grad)
+    F.layer_norm(xr.float(), (64,), w, b, ln.eps).to(dtype).backward(grad)
+    assert torch.equal(x.grad, xr.grad) and torch.equal(ln.weight.grad, w.grad) and torch.equal(ln.bias.grad, b.grad)
+    ln.weight.grad = None
+    ln(x0).backward(grad)                       # no input gradient wanted: only the weights'
+    assert torch.equal(ln.weight.grad, w.grad)
+
+    x, xr = x0.clone().requires_grad_(), x0.clone().requires_grad_()
+    QuickGELU()(x).backward(grad)
+    (xr * torch.sigmoid(1.702 * xr)).backward(grad)
+    assert torch.equal(x.grad, xr.grad)
+
+
+def test_a_frozen_bf16_text_block_keeps_20_bytes_per_token_and_width_for_backward():
+    # Counted by hand, per token, for the context's gradient through a frozen bf16 block (W = 256,
+    # 4 heads): the two LayerNorm inputs 2W + 2W bytes (not their fp32 copies), SDPA's packed q/k/v 6W and
+    # output 2W, QuickGELU's (4W) input 8W (not its sigmoid as well) = 20W, plus fp32 mean and rstd per
+    # LayerNorm (16) and SDPA's fp32 log-sum-exp per head (16). The plain expressions keep 32W. Frozen
+    # Linear layers keep no input: only their weight, which is not an activation.
+    W, heads, n, L = 256, 4, 6, 11
+    torch.manual_seed(0)
+    block = ResidualAttentionBlock(W, heads)
+    for m in block.modules():                   # bf16 except LayerNorm, as convert_dtype does it
+        if not isinstance(m, LayerNorm):
+            for p in m.parameters(recurse=False):
+                p.data = p.data.to(torch.bfloat16)
+    block.requires_grad_(False)
+    params = {p.untyped_storage().data_ptr() for p in block.parameters()}
+    kept = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in params:
+            kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    x = torch.randn(n, L, W, dtype=torch.bfloat16, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y, _ = block(x, causal=True)
+    assert sum(kept.values()) == n * L * (20 * W + 16 + 4 * heads)
+    y.float().sum().backward()
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
 
 
 def test_bad_state_dicts_give_clear_errors():
