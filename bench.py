@@ -1,6 +1,6 @@
 """Throughput and memory of CoOp / CoCoOp: an official-equivalent path and ours, side by side.
 
-    python bench.py [--device cuda|cpu] [--cases PREFIX,...] [--json PATH] [--smoke]
+    python bench.py [--device cuda|cpu] [--cases PREFIX,...] [--json PATH] [--smoke] [--memory]
 
 One process, one device, the same random-init CLIP weights, inputs, class names and initial context
 for both paths:
@@ -37,6 +37,13 @@ is, if anything, a little faster than the real one. Peak memory is that path alo
 plus the most it allocated during the case (torch.cuda.max_memory_allocated, reset per method). A
 case that runs out of memory reports OOM. The process exits 1 if a check failed.
 
+`--memory` (CPU) models the train cases' peak GPU memory without a GPU and times nothing. Both paths
+run in 2-byte dtypes (bf16 stands in for the official fp16: the same bytes, 65x faster on a CPU), the
+peak of a step's allocations comes from the profiler's allocation events, measured at text depth 1
+and 2 and extrapolated linearly (every text layer keeps the same activations for backward; the image
+encoder keeps none), plus the real model's weights. Checked against peaks measured on an H100: 0.8-7%
+(README).
+
 `--distributed` measures data-parallel CoOp (coop_min/distributed.py) instead of the cases above:
 - a per-rank cost model on one device: the text encoder's forward and backward over the 1/N of the
   classes that one of N ranks encodes, at 1k, 10k and 21k classes (ms, peak memory per rank);
@@ -54,7 +61,7 @@ import sys
 import time
 import traceback
 from collections import OrderedDict
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -188,9 +195,9 @@ class OfficialCLIP(nn.Module):
         return self.visual.conv1.weight.dtype
 
 
-def _convert_weights(model):
+def _convert_weights(model, dtype=torch.float16):
     """OpenAI's convert_weights: conv, linear and attention weights and the two projections to fp16;
-    embeddings, LayerNorm, BatchNorm and logit_scale stay fp32."""
+    embeddings, LayerNorm, BatchNorm and logit_scale stay fp32. (bf16: --memory's stand-in for fp16.)"""
     for m in model.modules():
         names = []
         if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear)):
@@ -201,16 +208,17 @@ def _convert_weights(model):
         for name in names + ["text_projection", "proj"]:
             p = getattr(m, name, None)
             if isinstance(p, torch.Tensor):
-                p.data = p.data.half()
+                p.data = p.data.to(dtype)
 
 
 def build_official_clip(state_dict, config: CLIPConfig, dtype, device) -> OfficialCLIP:
-    """The official CLIP from a state dict in OpenAI's layout: fp32, or fp16 as OpenAI converts it."""
+    """The official CLIP from a state dict in OpenAI's layout: fp32, or fp16 as OpenAI converts it
+    (or bf16 the same way: --memory measures on the CPU, where fp16 is 65x slower, the same bytes)."""
     with torch.device("meta"):                                # no random init: every tensor is loaded
         model = OfficialCLIP(config)
     model.load_state_dict({k: v.to(device, copy=True) for k, v in state_dict.items()}, assign=True)
-    if dtype == torch.float16:
-        _convert_weights(model)
+    if dtype in (torch.float16, torch.bfloat16):
+        _convert_weights(model, dtype)
     elif dtype != torch.float32:
         raise ValueError(f"the official path runs fp16 or fp32, got {dtype}")
     return model.eval().requires_grad_(False)
@@ -368,11 +376,13 @@ def _nbytes(module):
     return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
 
 
-def _run(make_step, device, warmup, repeats, weight_bytes=0, to_loss=None):
+def _run(make_step, device, warmup, repeats, weight_bytes=0, to_loss=None, memory=False):
     """Build one method's state with make_step() -> step, check its first output, time it.
 
     Returns {"ms", "peak_gib", "loss"}, or {"error": "OOM"}. The first call is also the first
     warm-up step; its output (a loss, or logits turned into one by to_loss) is the check value.
+    memory (CPU, --memory): no timing; "step_bytes" is the most the first step allocated at once,
+    inside the image encoder and elsewhere ({"image", "text"}, _cpu_peak_bytes).
     """
     _free(device)
     cuda = device.type == "cuda"
@@ -381,6 +391,9 @@ def _run(make_step, device, warmup, repeats, weight_bytes=0, to_loss=None):
         base = torch.cuda.memory_allocated(device)
     try:
         step = make_step()
+        if memory:
+            peak, out = _cpu_peak_bytes(step)
+            return {"step_bytes": peak, "loss": float(out), "grad": step.ctx.grad.detach().float().clone()}
         out = step()
         loss = float(to_loss(out) if to_loss else out)
         grad = step.ctx.grad.detach().float().cpu().clone() if hasattr(step, "ctx") else None  # train steps
@@ -393,6 +406,34 @@ def _run(make_step, device, warmup, repeats, weight_bytes=0, to_loss=None):
         return {"error": f"{type(e).__name__}: {e}"}
     peak = (torch.cuda.max_memory_allocated(device) - base + weight_bytes) / 2 ** 30 if cuda else None
     return {"ms": ms, "peak_gib": peak, "loss": loss, **({} if grad is None else {"grad": grad})}
+
+
+_IMAGE_RANGE = "bench: image encoder"
+
+
+def _cpu_peak_bytes(fn):
+    """({"image": most bytes held at once inside the image encoder (see _mark_image_encoder), "text":
+    most held elsewhere}, fn's output): a running sum over the allocation and free events that the
+    profiler records with profile_memory (kineto's events: no public API gives them in order).
+    Kernel-internal buffers count too, as they do in CUDA's peak."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = fn()
+    events = prof.profiler.kineto_results.events()
+    image = [(e.start_ns(), e.end_ns()) for e in events if e.name() == _IMAGE_RANGE]
+    held, peak = 0, {"image": 0, "text": 0}
+    for t, nbytes in sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]"):
+        held += nbytes
+        phase = "image" if any(start <= t <= end for start, end in image) else "text"
+        peak[phase] = max(peak[phase], held)
+    return peak, out
+
+
+def _mark_image_encoder(module):
+    """Bracket module's forwards with a profiler range, so that _cpu_peak_bytes can tell the frozen image
+    encoder's transient peak (the same at any depth) from the text side's (linear in the text depth)."""
+    ranges = []
+    module.register_forward_pre_hook(lambda m, a: ranges.append(torch.profiler.record_function(_IMAGE_RANGE).__enter__()))
+    module.register_forward_hook(lambda m, a, out: ranges.pop().__exit__(None, None, None))
 
 
 def _sgd_step(loss_fn, params):
@@ -409,10 +450,13 @@ def _sgd_step(loss_fn, params):
 
 
 class _Models:
-    """One architecture's frozen CLIP in both forms, built once from one random-init state dict."""
+    """One architecture's frozen CLIP in both forms, built once from one random-init state dict;
+    text_layers (--memory): that text depth (and one layer of a ViT image encoder) instead."""
 
-    def __init__(self, arch, device, args):
+    def __init__(self, arch, device, args, text_layers=None):
         self.arch, self.config = arch, ARCHS[arch]
+        if text_layers is not None:
+            self.config = _shallow(self.config, text_layers)
         torch.manual_seed(0)
         clip = CLIP(self.config).eval().requires_grad_(False)            # fp32, CPU, OpenAI's init
         self.official = build_official_clip(clip.state_dict(), self.config, args.official_dtype, device)
@@ -462,11 +506,45 @@ def _train_case(case, models, device, args):
         step.ctx = learner.ctx
         return step
 
-    methods = {"official": _run(official, device, args.warmup, case.repeats, models.official_bytes),
-               "ours": _run(ours, device, args.warmup, case.repeats, models.ours_bytes)}
+    methods = {"official": _run(official, device, args.warmup, case.repeats, models.official_bytes, memory=args.memory),
+               "ours": _run(ours, device, args.warmup, case.repeats, models.ours_bytes, memory=args.memory)}
     if args.cuda_graph:
         methods["graph"] = _run(lambda: ours(cuda_graph=True), device, max(args.warmup, 3), case.repeats,
                                 models.ours_bytes)
+    return methods
+
+
+def _shallow(config, text_layers):
+    """The same CLIP with text_layers text layers and, for a ViT, one image layer."""
+    vision = 1 if config.is_vit else config.vision_layers
+    return replace(config, text_layers=text_layers, vision_layers=vision)
+
+
+def _memory_case(case, device, args):
+    """--memory: the train case's peak GPU memory per path, modelled on the CPU in the same 2-byte
+    dtypes. Every text layer keeps the same activations for backward, so the step's own peak is
+    linear in the text depth: measured at depths 1 and 2, extrapolated to the real one. The frozen
+    image encoder keeps nothing (no grad), so one ViT layer shows its transient peak, which the step's
+    peak is when it is larger. Plus the real model's weights. The checks run at depth 2."""
+    full = ARCHS[case.arch]
+    runs = []
+    for depth in (1, 2):
+        models = _Models(case.arch, device, args, text_layers=depth)
+        _mark_image_encoder(models.official.visual)
+        _mark_image_encoder(models.ours.visual)
+        runs.append(_train_case(case, models, device, args))
+    with torch.device("meta"):                                 # the real model's weight bytes, allocating nothing
+        clip = CLIP(full)
+        weights = {"official": _nbytes(build_official_clip(clip.state_dict(), full, args.official_dtype, "meta")),
+                   "ours": _nbytes(convert_dtype(clip, args.ours_dtype))}
+    methods = {}
+    for name, (one, two) in zip(runs[1], zip(runs[0].values(), runs[1].values())):
+        if "error" in one or "error" in two:
+            methods[name] = one if "error" in one else two
+            continue
+        (a, b), image = ((one["step_bytes"]["text"], two["step_bytes"]["text"]), two["step_bytes"]["image"])
+        step = max(image, a + (full.text_layers - 1) * (b - a))
+        methods[name] = {"peak_gib": (weights[name] + step) / 2 ** 30, "loss": two["loss"], "grad": two["grad"]}
     return methods
 
 
@@ -791,9 +869,14 @@ def _parse(argv):
     p.add_argument("--list", action="store_true", help="print the selected case names and exit")
     p.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false",
                    help="skip the methods replayed from a CUDA graph: ours for train steps, fused for the head (CUDA only)")
+    p.add_argument("--memory", action="store_true",
+                   help="CPU: model each train case's peak GPU memory instead of timing (see the docstring)")
     p.add_argument("--distributed", action="store_true",
                    help="data-parallel CoOp instead: per-rank text cost at 1k/10k/21k classes, scaling over GPUs")
     args = p.parse_args(argv)
+    if args.memory and (args.device != "cpu" or args.distributed):
+        p.exit(2, "bench.py: error: --memory models GPU memory on the CPU: pass --device cpu, without --distributed "
+                  "(on a GPU the tables measure peak memory directly)\n")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.exit(2, "bench.py: error: --device cuda but torch sees no CUDA GPU; use --device cpu\n")
     if args.json:                                     # now, not after a long run; and never overwrite one
@@ -805,6 +888,8 @@ def _parse(argv):
             p.exit(2, f"bench.py: error: --json {args.json} {why}\n")
     prefixes = [s for s in args.cases.split(",") if s]
     args.selected = [c for c in all_cases(args.smoke) if not prefixes or any(c.name.startswith(s) for s in prefixes)]
+    if args.memory:                                   # the train steps: the only cases with memory targets
+        args.selected = [c for c in args.selected if c.kind in ("coop", "cocoop")]
     if not args.selected:
         p.exit(2, f"bench.py: error: --cases {args.cases!r} matches no case; see --list\n")
     if args.repeats is not None:
@@ -817,8 +902,8 @@ def _parse(argv):
     args.no_compile = args.no_compile or args.smoke   # inductor's first compile takes longer than CI allows
     args.cuda_graph = args.cuda_graph and args.device == "cuda"
     gpu = args.device == "cuda"
-    args.official_dtype = torch.float16 if gpu else torch.float32   # CPU: both paths in fp32
-    args.ours_dtype = torch.bfloat16 if gpu else torch.float32
+    args.official_dtype = torch.float16 if gpu else torch.bfloat16 if args.memory else torch.float32
+    args.ours_dtype = torch.bfloat16 if gpu or args.memory else torch.float32   # CPU: fp32 unless --memory
     return args
 
 
@@ -843,6 +928,8 @@ def main(argv=None):
         t0 = time.perf_counter()
         if case.kind == "head":
             methods = _head_case(case, device, args)
+        elif args.memory:
+            methods = _memory_case(case, device, args)
         else:
             if models is None or models.arch != case.arch:
                 models = None                                # free the previous architecture first

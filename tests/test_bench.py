@@ -138,3 +138,48 @@ def test_gradient_check_catches_a_bug_the_loss_misses(monkeypatch):
     assert broken["loss_rel_diff"] < bench.TOLERANCE                  # the loss alone would pass it
     assert broken["grad_rel_diff"] > bench.GRAD_TOLERANCE and not broken["match"]
     assert all("grad" not in m for m in broken["methods"].values())   # no tensors left for the JSON
+
+
+def test_cpu_peak_is_the_most_bytes_held_at_once_inside_and_outside_the_image_encoder():
+    class Encoder(nn.Module):
+        def forward(self, n):
+            scratch = torch.empty(n, dtype=torch.uint8)  # freed on return
+            return torch.empty(n // 4, dtype=torch.uint8)
+    encoder = Encoder()
+    bench._mark_image_encoder(encoder)
+
+    def fn():
+        a = torch.empty(1 << 20, dtype=torch.uint8)
+        b = torch.empty(2 << 20, dtype=torch.uint8)     # 3 MiB held
+        del a
+        f = encoder(4 << 20)                            # 2 + 4 + 1 MiB held inside, 3 MiB after
+        c = torch.empty(1 << 19, dtype=torch.uint8)     # 3.5 MiB
+        return len(b) + len(c) + len(f)
+    peak, out = bench._cpu_peak_bytes(fn)
+    assert peak == {"image": 7 << 20, "text": 7 << 19} and out == (7 << 19)
+
+
+def test_memory_mode_extrapolates_the_text_depth_to_the_full_depth_peak(monkeypatch):
+    """--memory models a step at text depth 1 and 2 and extrapolates: it must predict what the step
+    at the full depth (6 text layers, and both image layers) is measured to take, weights included."""
+    monkeypatch.setitem(bench.ARCHS, "vit_deep", bench.CLIPConfig(32, 32, 2, 64, 16, 2, 77, 49408, 128, 2, 6))
+    args = bench._parse(["--device", "cpu", "--memory", "--smoke", "--cases", "coop"])
+    assert args.ours_dtype == args.official_dtype == torch.bfloat16 and all(c.kind == "coop" for c in args.selected)
+    device = torch.device("cpu")
+    for case in (bench.Case("coop", "coop", "vit_deep", 300, 4, 16, repeats=1),
+                 bench.Case("cocoop", "cocoop", "vit_deep", 40, 3, 4, repeats=1)):
+        modeled = bench._memory_case(case, device, args)
+        models = bench._Models("vit_deep", device, args)
+        measured = bench._train_case(case, models, device, args)
+        for name in ("official", "ours"):
+            full_gib = (max(measured[name]["step_bytes"].values()) + bench._nbytes(getattr(models, name))) / 2 ** 30
+            assert modeled[name]["peak_gib"] == pytest.approx(full_gib, rel=0.03), (case.kind, name)
+        record = bench._summarise(case, modeled)
+        assert record["match"] and record["memory_ratio"] > 1.5      # 77-token prompts keep far more
+
+
+def test_memory_mode_is_refused_on_a_gpu_or_with_distributed():
+    for extra in (["--device", "cuda"], ["--device", "cpu", "--distributed"]):
+        run = subprocess.run([sys.executable, "bench.py", "--memory", *extra], cwd=ROOT, capture_output=True,
+                             text=True, timeout=60)
+        assert run.returncode == 2 and "--memory" in run.stderr and len(run.stderr.strip().splitlines()) == 1, run.stderr
