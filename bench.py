@@ -41,8 +41,8 @@ case that runs out of memory reports OOM. The process exits 1 if a check failed.
 run in 2-byte dtypes (bf16 stands in for the official fp16: the same bytes, 65x faster on a CPU), the
 peak of a step's allocations comes from the profiler's allocation events, measured at text depth 1
 and 2 and extrapolated linearly (every text layer keeps the same activations for backward; the image
-encoder keeps none), plus the real model's weights. Checked against peaks measured on an H100: 0.8-7%
-(README).
+encoder keeps none), plus the real model's weights. Checked against peaks measured on an H100: within
+4% where activations dominate; 0.1-0.3 GiB low at 10 classes, where CUDA's workspaces count (README).
 
 `--distributed` measures data-parallel CoOp (coop_min/distributed.py) instead of the cases above:
 - a per-rank cost model on one device: the text encoder's forward and backward over the 1/N of the
