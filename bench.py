@@ -12,7 +12,9 @@ for both paths:
   around the frozen image encoder (its parameters do not require grad).
 - ours: coop_min.prompts.PromptedCLIP's fast path on a bf16 CLIP with fp32 LayerNorm, fp32 context
   and Meta-Net, the image encoder under no_grad, EOT truncation, batched CoCoOp, the fused cosine_ce
-  head (kernels/cosine_ce.py), and with --shared-prefix the shared [SOS, ctx] prefixes.
+  head (kernels/cosine_ce.py), on CUDA the fused LayerNorm and QuickGELU kernels in the frozen CLIP
+  (kernels/elementwise.py; off with --no-fused-elementwise), and with --shared-prefix the shared
+  [SOS, ctx] prefixes.
 - graph (CUDA only; off with --no-cuda-graph): for train steps, ours with the whole step -- forward,
   backward, SGD update -- captured once as a CUDA graph and replayed (coop_min/cuda_graph.py, train.py
   --cuda-graph), which removes the launch and Python cost that bounds these steps. For the head
@@ -24,8 +26,8 @@ Cases: CoOp train steps (batch 32, M=16) at 10/100/1000 classes for ViT-B/16 and
 steps (M=4) at 50/500 classes and batch 1/8, zero-shot evaluation (batch 256, 1000 classes), and the
 classification head alone (fused kernel vs its eager twin vs torch.compile of the twin, with
 achieved GB/s against a measured device-to-device copy). Zero-shot also times ours with the image
-encoder under torch.compile (unless --no-compile; the compile itself is not timed), to show what
-fusing its elementwise work (LayerNorm's fp32 casts, QuickGELU's three kernels) would give. Before
+encoder under torch.compile instead of our elementwise kernels (unless --no-compile; the compile
+itself is not timed): inductor fuses the same LayerNorm casts and QuickGELU, and more. Before
 timing, each case checks that both paths compute the same loss on the same inputs (relative 2e-2:
 fp16 against bf16) and, for train steps, the same first-step gradient of the context (relative
 0.15): at random init the loss sits near log C whatever the prompts, so it alone misses real bugs.
@@ -72,7 +74,7 @@ from coop_min.clip import CLIP, CLIPConfig, ModifiedResNet, convert_dtype
 from coop_min.cuda_graph import TrainStep
 from coop_min.kernels.cosine_ce import (cosine_ce, cosine_ce_reference, cosine_logits,
                                         use_triton)
-from coop_min.prompts import CoCoOpPromptLearner, CoOpPromptLearner, PromptConfig, PromptedCLIP
+from coop_min.prompts import CoCoOpPromptLearner, CoOpPromptLearner, PromptConfig, PromptedCLIP, elementwise_ops
 from coop_min.tokenizer import tokenize
 
 TOLERANCE = 2e-2   # relative loss difference allowed between the official fp16 and our bf16 path
@@ -494,7 +496,8 @@ def _train_case(case, models, device, args):
             learner.ctx.copy_(ctx)
         if cocoop:
             learner.meta_net.load_state_dict(meta_state)
-        model = PromptedCLIP(models.ours, learner, shared_prefix=args.shared_prefix).train()
+        model = PromptedCLIP(models.ours, learner, shared_prefix=args.shared_prefix,
+                             fused_elementwise=args.fused_elementwise).train()
         if not cuda_graph:
             step = _sgd_step(lambda: model.loss(images, labels), model.trainable_parameters())
         else:
@@ -572,13 +575,14 @@ def _zeroshot_case(case, models, device, args):
 
     def ours(visual=None):
         clip = models.ours
-        visual = clip.visual if visual is None else visual
+        ops = elementwise_ops(images) if args.fused_elementwise and visual is None else None
+        encode = (lambda x: clip.encode_image(x, ops=ops)) if visual is None else (lambda x: visual(x.to(clip.dtype)))
         with torch.no_grad():
             t, scale = clip.encode_text(tokens), clip.logit_scale.float().exp()
 
         @torch.inference_mode()
         def step():
-            return cosine_logits(visual(images.to(clip.dtype)), t, scale)
+            return cosine_logits(encode(images), t, scale)
         return step
 
     methods = {"official": _run(official, device, args.warmup, case.repeats, models.official_bytes, to_loss),
@@ -848,6 +852,7 @@ def _environment(device, args):
             "torch": torch.__version__, "triton": triton_version, "python": platform.python_version(),
             "official_dtype": str(args.official_dtype), "ours_dtype": str(args.ours_dtype),
             "fused_head": "triton" if use_triton(probe) else "pytorch twin", "shared_prefix": args.shared_prefix,
+            "fused_elementwise": args.fused_elementwise and use_triton(probe),
             "copy_gbps": args.copy_gbps, "smoke": args.smoke, "warmup": args.warmup}
 
 
@@ -866,6 +871,8 @@ def _parse(argv):
     p.add_argument("--repeats", type=int, default=None, help="timed steps per method (default: per case, 3-50)")
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile (of the head twin, of the zero-shot image encoder; smoke skips it)")
     p.add_argument("--shared-prefix", action="store_true", help="ours with the shared-prefix text path (less memory, more launches)")
+    p.add_argument("--no-fused-elementwise", dest="fused_elementwise", action="store_false",
+                   help="ours with PyTorch's LayerNorm and QuickGELU instead of kernels/elementwise.py (CUDA), to see what they give")
     p.add_argument("--list", action="store_true", help="print the selected case names and exit")
     p.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false",
                    help="skip the methods replayed from a CUDA graph: ours for train steps, fused for the head (CUDA only)")

@@ -104,6 +104,11 @@ class _QuickGELUFn(torch.autograd.Function):
         return through_product.add_(through_sigmoid)
 
 
+def _norm(ln, x, ops):
+    """LayerNorm ln of x, through ops.layer_norm when ops are given (see CLIP.encode_image)."""
+    return ln(x) if ops is None else ops.layer_norm(x, ln.weight, ln.bias, ln.eps)
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with nn.MultiheadAttention's parameter names, batch-first, via SDPA."""
 
@@ -150,10 +155,13 @@ class ResidualAttentionBlock(nn.Module):
         ]))
         self.ln_2 = LayerNorm(width)
 
-    def forward(self, x, causal=False, prefix_kv=None, group=None):
-        a, kv = self.attn(self.ln_1(x), causal, prefix_kv, group)
+    def forward(self, x, causal=False, prefix_kv=None, group=None, ops=None):
+        a, kv = self.attn(_norm(self.ln_1, x, ops), causal, prefix_kv, group)
         x = x + a
-        return x + self.mlp(self.ln_2(x)), kv
+        h = _norm(self.ln_2, x, ops)
+        if ops is None or not isinstance(self.mlp.gelu, QuickGELU):
+            return x + self.mlp(h), kv
+        return x + self.mlp.c_proj(ops.quick_gelu(self.mlp.c_fc(h))), kv
 
 
 class Transformer(nn.Module):
@@ -162,11 +170,11 @@ class Transformer(nn.Module):
         self.width, self.layers = width, layers
         self.resblocks = nn.ModuleList([ResidualAttentionBlock(width, heads, quick_gelu) for _ in range(layers)])
 
-    def forward(self, x, causal=False, prefix_kvs=None, group=None, return_kvs=False):
+    def forward(self, x, causal=False, prefix_kvs=None, group=None, return_kvs=False, ops=None):
         """(B, L, W) -> (B, L, W); with return_kvs also each layer's (k, v) for use as a prefix."""
         kvs = []
         for i, block in enumerate(self.resblocks):
-            x, kv = block(x, causal, None if prefix_kvs is None else prefix_kvs[i], group)
+            x, kv = block(x, causal, None if prefix_kvs is None else prefix_kvs[i], group, ops)
             kvs.append(kv)
         return (x, kvs) if return_kvs else x
 
@@ -188,12 +196,12 @@ class VisionTransformer(nn.Module):
         self.ln_post = LayerNorm(width)
         self.proj = nn.Parameter(scale * torch.randn(width, output_dim))
 
-    def forward(self, x):  # (B, 3, H, W) -> (B, D)
+    def forward(self, x, ops=None):  # (B, 3, H, W) -> (B, D)
         x = self.conv1(x).flatten(2).transpose(1, 2)                        # (B, grid*grid, width)
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
         x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)
-        x = self.transformer(self.ln_pre(x))
-        return self.ln_post(x[:, 0, :]) @ self.proj
+        x = self.transformer(_norm(self.ln_pre, x, ops), ops=ops)
+        return _norm(self.ln_post, x[:, 0, :], ops) @ self.proj
 
 
 class Bottleneck(nn.Module):
@@ -329,40 +337,46 @@ class CLIP(nn.Module):
     def dtype(self):
         return self.visual.conv1.weight.dtype
 
-    def encode_image(self, images):  # (B, 3, H, W) -> (B, D), unnormalised
+    def encode_image(self, images, ops=None):  # (B, 3, H, W) -> (B, D), unnormalised
+        """ops: None, or an object with layer_norm(x, weight, bias, eps) and quick_gelu(x) that compute
+        what LayerNorm and QuickGELU compute (coop_min.kernels.elementwise's fused kernels: this file
+        imports nothing of ours, so callers pass them); used by a ViT's and the text transformer's
+        blocks, here and in the encode_text* methods."""
         r = self.visual.input_resolution
         if images.dim() != 4 or images.shape[1:] != (3, r, r):
             raise ValueError(f"expected images of shape (B, 3, {r}, {r}), got {tuple(images.shape)}")
-        return self.visual(images.to(self.dtype))
+        if ops is None or not isinstance(self.visual, VisionTransformer):
+            return self.visual(images.to(self.dtype))
+        return self.visual(images.to(self.dtype), ops=ops)
 
-    def encode_text(self, tokens, truncate=True):  # (N, L) long -> (N, D), unnormalised
+    def encode_text(self, tokens, truncate=True, ops=None):  # (N, L) long -> (N, D), unnormalised
         eot = tokens.argmax(dim=-1)                 # EOT (49407) is the largest id in the vocabulary
-        return self.encode_text_embeddings(self.token_embedding(tokens), eot, truncate=truncate)
+        return self.encode_text_embeddings(self.token_embedding(tokens), eot, truncate=truncate, ops=ops)
 
-    def encode_text_embeddings(self, x, eot, truncate=True, length=None):
+    def encode_text_embeddings(self, x, eot, truncate=True, length=None, ops=None):
         """Text features from token embeddings x (N, L, W) and EOT positions eot (N,) -> (N, D).
 
         With truncate=True the sequence is cut after the last EOT (exact, see the module docstring);
         truncate=False runs all L positions as OpenAI does (the reference path). length: where to cut
         (any value > max(eot)), when the caller knows it on the host; else max(eot) + 1 is read from
-        the device (a sync, which a CUDA graph cannot capture).
+        the device (a sync, which a CUDA graph cannot capture). ops: as in encode_image.
         """
         if truncate:
             x = x[:, : int(eot.max()) + 1 if length is None else length]
         L = x.shape[1]
         x = x.to(self.dtype) + self.positional_embedding[:L].to(self.dtype)
-        x = self.transformer(x, causal=True)
+        x = self.transformer(x, causal=True, ops=ops)
         x = x[torch.arange(x.shape[0], device=x.device), eot]               # (N, W): only EOT rows
-        return self.ln_final(x) @ self.text_projection.to(x.dtype)
+        return _norm(self.ln_final, x, ops) @ self.text_projection.to(x.dtype)
 
-    def encode_text_prefixed(self, prefix, suffix, eot, group=None, length=None):
+    def encode_text_prefixed(self, prefix, suffix, eot, group=None, length=None, ops=None):
         """Text features of sequences that share prefixes: [prefix[group[n]], suffix[n]] -> (N, D).
 
         prefix (G, P, W) and suffix (N, S, W) are token embeddings; eot (N,) are EOT positions in the
         full sequence (>= P); group (N,) picks each row's prefix (None: G == 1). Each prefix goes
         through the transformer once and every suffix attends to its cached keys/values, so the
         prefix costs G passes instead of N. Exact: the causal prefix never sees the suffix.
-        length: as in encode_text_embeddings (given, the EOT positions are the caller's to check).
+        length, ops: as in encode_text_embeddings (given, the EOT positions are the caller's to check).
         """
         P = prefix.shape[1]
         if length is None:
@@ -371,10 +385,10 @@ class CLIP(nn.Module):
             length = int(eot.max()) + 1
         S = length - P                                                       # EOT truncation
         pos = self.positional_embedding.to(self.dtype)
-        _, kvs = self.transformer(prefix.to(self.dtype) + pos[:P], causal=True, return_kvs=True)
-        x = self.transformer(suffix[:, :S].to(self.dtype) + pos[P:P + S], prefix_kvs=kvs, group=group)
+        _, kvs = self.transformer(prefix.to(self.dtype) + pos[:P], causal=True, return_kvs=True, ops=ops)
+        x = self.transformer(suffix[:, :S].to(self.dtype) + pos[P:P + S], prefix_kvs=kvs, group=group, ops=ops)
         x = x[torch.arange(x.shape[0], device=x.device), eot - P]            # (N, W)
-        return self.ln_final(x) @ self.text_projection.to(x.dtype)
+        return _norm(self.ln_final, x, ops) @ self.text_projection.to(x.dtype)
 
     def forward(self, images, tokens):
         f = F.normalize(self.encode_image(images), dim=-1)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from coop_min import data as D
 from coop_min import distributed as dist
-from coop_min.prompts import PromptedCLIP, load_prompt, nearest_words
+from coop_min.prompts import PromptedCLIP, elementwise_ops, load_prompt, nearest_words
 from coop_min.templates import templates_for
 
 
@@ -56,7 +56,8 @@ def extract_features(clip, loader, device):
     labels = [torch.empty(0, dtype=torch.long)]
     for images, y in loader:
         if len(y):                           # a data-parallel part of a batch may be empty
-            feats.append(clip.encode_image(images.to(device, non_blocking=True)).float())
+            images = images.to(device, non_blocking=True)
+            feats.append(clip.encode_image(images, ops=elementwise_ops(images)).float())
             labels.append(y)
     return torch.cat(feats), torch.cat(labels).to(device)
 
@@ -79,7 +80,8 @@ def zero_shot_weights(clip, classnames, templates, device):
     total = 0
     for template in templates:
         texts = [template.format(name.replace("_", " ")) for name in classnames]
-        total = total + F.normalize(clip.encode_text(tokenize(texts, clip.context_length).to(device)).float(), dim=-1)
+        tokens = tokenize(texts, clip.context_length).to(device)
+        total = total + F.normalize(clip.encode_text(tokens, ops=elementwise_ops(tokens)).float(), dim=-1)
     return F.normalize(total / len(templates), dim=-1)
 
 
@@ -150,7 +152,7 @@ def _predict_image(path, clip, classnames, model, weights, device):
 
     x = image_transform(clip.visual.input_resolution)(load_image(path, rgb=True)).unsqueeze(0).to(device)
     with torch.no_grad():
-        f = clip.encode_image(x).float()
+        f = clip.encode_image(x, ops=elementwise_ops(x)).float()
         if model is not None:
             logits = model.logits_from_features(f)
         else:

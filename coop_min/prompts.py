@@ -12,7 +12,9 @@ context vector, so every (image, class) pair has its own prompt.
 - reference: the official compute, all 77 positions through the text encoder, CoCoOp one image at a
   time in a Python loop, and the head as normalise / matmul / F.cross_entropy;
 - fast (default): sequences cut after the last EOT (the encoder is causal and only EOT is read),
-  every (image, class) prompt of a CoCoOp step in one batch (in chunks), the fused cosine_ce head.
+  every (image, class) prompt of a CoCoOp step in one batch (in chunks), the fused cosine_ce head,
+  and where Triton runs (CUDA) the frozen CLIP's LayerNorms and QuickGELUs as fused kernels
+  (kernels/elementwise.py; `fused_elementwise=False` keeps PyTorch's ops).
 - shared prefix (opt-in, `shared_prefix=True`): with one context and the class name at the end,
   [SOS, ctx] is the same for every class (CoCoOp: for every class of one image), so it goes through
   the text encoder once and the class suffixes attend to its cached keys/values
@@ -40,7 +42,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from coop_min.kernels.cosine_ce import cosine_ce, cosine_logits, cosine_logits_reference
+from coop_min.kernels import elementwise
+from coop_min.kernels.cosine_ce import cosine_ce, cosine_logits, cosine_logits_reference, use_triton
 from coop_min.tokenizer import encode, tokenize
 
 METHODS = ("coop", "cocoop")
@@ -216,17 +219,24 @@ class CoCoOpPromptLearner(_PromptLearner):
 # the prompted classifier
 
 
+def elementwise_ops(x):
+    """The `ops` for CLIP's encode_* methods on inputs like x: the fused LayerNorm/QuickGELU kernels
+    where Triton runs (CUDA), else None (PyTorch's ops; on CPU the kernels would run their twins)."""
+    return elementwise if use_triton(x) else None
+
+
 class PromptedCLIP(nn.Module):
     """A frozen CLIP and a prompt learner: image features, text features, logits and the loss."""
 
     def __init__(self, clip, learner, reference: bool = False, max_prompts_per_chunk: int = 4096,
-                 shared_prefix: bool = False):
+                 shared_prefix: bool = False, fused_elementwise: bool = True):
         super().__init__()
         self.clip = clip.requires_grad_(False).eval()
         self.learner = learner
         self.reference = reference               # True: the official compute path (slow)
         self.max_prompts_per_chunk = max_prompts_per_chunk
         self.shared_prefix = shared_prefix       # [SOS, ctx] encoded once (UC-end CoOp, CoCoOp); see docstring
+        self.fused_elementwise = fused_elementwise  # fast path on CUDA: kernels/elementwise.py in the CLIP
         # Data-parallel CoOp (coop_min.distributed): (classes, gather) makes text_features encode only
         # `classes` (n,) and return gather(their features) -> all (C, D); None: encode every class.
         self.class_shard = None
@@ -245,13 +255,16 @@ class PromptedCLIP(nn.Module):
     def trainable_parameters(self):
         return [p for p in self.learner.parameters() if p.requires_grad]
 
+    def _ops(self, x):
+        return elementwise_ops(x) if self.fused_elementwise and not self.reference else None
+
     @torch.no_grad()
     def encode_images(self, images):  # (B, 3, H, W) -> (B, D) unnormalised, CLIP dtype
-        return self.clip.encode_image(images)
+        return self.clip.encode_image(images, ops=self._ops(images))
 
     def _encode_prompts(self, prompts, eot):  # (N, L, W), (N,) -> (N, D)
         return self.clip.encode_text_embeddings(prompts, eot, truncate=not self.reference,
-                                                length=self.learner.eot_max + 1)
+                                                length=self.learner.eot_max + 1, ops=self._ops(prompts))
 
     def _encode_chunked(self, build, index):
         """Text features of the prompts build(index chunk) gives, max_prompts_per_chunk at a time."""
@@ -265,7 +278,8 @@ class PromptedCLIP(nn.Module):
     def _encode_prefixed(self, prefix, suffix_of, index):
         """Features of the prompts of `index` that continue `prefix` (G, P, W): suffix_of(index chunk)
         gives their suffixes, EOT positions and prefix groups; the prefix is encoded once per chunk."""
-        return torch.cat([self.clip.encode_text_prefixed(prefix, *suffix_of(i), length=self.learner.eot_max + 1)
+        return torch.cat([self.clip.encode_text_prefixed(prefix, *suffix_of(i), length=self.learner.eot_max + 1,
+                                                         ops=self._ops(prefix))
                           for i in index.split(self.max_prompts_per_chunk)])
 
     def text_features(self, image_features=None):
@@ -337,12 +351,12 @@ class PromptedCLIP(nn.Module):
 
 def build_prompted_clip(clip, classnames, config: PromptConfig | None = None, seed: int = 0,
                         reference: bool = False, max_prompts_per_chunk: int = 4096,
-                        shared_prefix: bool = False) -> PromptedCLIP:
+                        shared_prefix: bool = False, fused_elementwise: bool = True) -> PromptedCLIP:
     """A new learner for `classnames` (CoOp or CoCoOp by config.method) on a frozen CLIP."""
     config = config or PromptConfig()
     learner_cls = CoCoOpPromptLearner if config.method == "cocoop" else CoOpPromptLearner
     return PromptedCLIP(clip, learner_cls(clip, classnames, config, seed), reference, max_prompts_per_chunk,
-                        shared_prefix)
+                        shared_prefix, fused_elementwise)
 
 
 # ----------------------------------------------------------------------------------------------

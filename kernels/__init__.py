@@ -1,4 +1,5 @@
 """Triton kernels with PyTorch reference twins (installed as coop_min.kernels).
 
 cosine_ce: fused L2-normalise + cosine logits + softmax cross-entropy, forward and backward.
+elementwise: fused fp32 LayerNorm and QuickGELU for a frozen 16-bit CLIP, forward and backward.
 """

@@ -434,8 +434,8 @@ def use_triton(x: torch.Tensor) -> bool:
     if _INTERPRET:
         raise RuntimeError("TRITON_INTERPRET=1 asks for the Triton kernels but triton is not "
                            "importable; pip install triton, or unset TRITON_INTERPRET")
-    warnings.warn("triton is not importable: cosine_ce runs the PyTorch twin on CUDA "
-                  "(pip install triton for the fused kernels)", stacklevel=3)
+    warnings.warn("triton is not importable: the fused kernels (cosine_ce, layer_norm, quick_gelu) run "
+                  "their PyTorch twins on CUDA (pip install triton for the kernels)", stacklevel=3)
     return False
 
 

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 import coop_min.kernels.cosine_ce as cc
+from hopper import Recorder as _Recorder, compile_for as _compile_for
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 interpreted = pytest.mark.skipif(not INTERPRETED, reason="runs in the TRITON_INTERPRET subprocess")
@@ -192,38 +193,6 @@ def test_cuda_clip_sizes_match_official(dtype, tol, per_image):
 
 
 # ----------------------------------------------------------------------------- compiles for the GPU
-
-_SIG = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.float64: "*fp64",
-        torch.int64: "*i64", torch.int32: "*i32"}
-
-
-class _Recorder:
-    """Stands in for a @triton.jit kernel: `kernel[grid](*args, **kwargs)` records the launch."""
-
-    def __init__(self, kernel, launches):
-        self.kernel, self.launches = kernel, launches
-
-    def __getitem__(self, grid):
-        return lambda *args, **kwargs: self.launches.append((self.kernel, args, kwargs))
-
-
-def _compile_for(target, kernel, args, kwargs):
-    """Compile one recorded launch to a cubin for `target` without a GPU (Triton's ptxas)."""
-    from triton.compiler import ASTSource
-    options = {"num_warps": kwargs.pop("num_warps", 4)}
-    named = {**dict(zip(kernel.arg_names, args)), **kwargs}
-    signature, constexprs = {}, {}
-    for name, param in zip(kernel.arg_names, kernel.params):
-        value = named[name]
-        if param.is_constexpr:
-            signature[name], constexprs[name] = "constexpr", value
-        elif torch.is_tensor(value):
-            signature[name] = _SIG[value.dtype]
-        else:
-            assert isinstance(value, int) and not isinstance(value, bool), (name, value)
-            signature[name] = "i32" if -2 ** 31 <= value < 2 ** 31 else "i64"
-    return cc.triton.compile(ASTSource(kernel, signature, constexprs), target=target, options=options)
-
 
 @pytest.mark.skipif(INTERPRETED, reason="compiles the GPU code path, not the interpreter's")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
