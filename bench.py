@@ -62,15 +62,18 @@ import statistics
 import sys
 import time
 import traceback
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+from torch.utils.flop_counter import FlopCounterMode
 
 from coop_min import distributed as dist
-from coop_min.clip import CLIP, CLIPConfig, ModifiedResNet, convert_dtype
+from coop_min.clip import CLIP, CLIPConfig, LayerNorm, ModifiedResNet, QuickGELU, convert_dtype
 from coop_min.cuda_graph import TrainStep
 from coop_min.kernels.cosine_ce import (cosine_ce, cosine_ce_reference, cosine_logits,
                                         use_triton)
@@ -378,13 +381,13 @@ def _nbytes(module):
     return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
 
 
-def _run(make_step, device, warmup, repeats, weight_bytes=0, to_loss=None, memory=False):
+def _run(make_step, device, warmup, repeats, weight_bytes=0, to_loss=None, measure=None):
     """Build one method's state with make_step() -> step, check its first output, time it.
 
     Returns {"ms", "peak_gib", "loss"}, or {"error": "OOM"}. The first call is also the first
     warm-up step; its output (a loss, or logits turned into one by to_loss) is the check value.
-    memory (CPU, --memory): no timing; "step_bytes" is the most the first step allocated at once,
-    inside the image encoder and elsewhere ({"image", "text"}, _cpu_peak_bytes).
+    measure (CPU, --memory and --cost): no timing; measure(step) -> (record, output) makes the first
+    call, and its record is returned as "record" (_cpu_peak_bytes, _op_cost).
     """
     _free(device)
     cuda = device.type == "cuda"
@@ -393,9 +396,10 @@ def _run(make_step, device, warmup, repeats, weight_bytes=0, to_loss=None, memor
         base = torch.cuda.memory_allocated(device)
     try:
         step = make_step()
-        if memory:
-            peak, out = _cpu_peak_bytes(step)
-            return {"step_bytes": peak, "loss": float(out), "grad": step.ctx.grad.detach().float().clone()}
+        if measure is not None:
+            record, out = measure(step)
+            grad = {"grad": step.ctx.grad.detach().float().clone()} if hasattr(step, "ctx") else {}
+            return {"record": record, "loss": float(to_loss(out) if to_loss else out), **grad}
         out = step()
         loss = float(to_loss(out) if to_loss else out)
         grad = step.ctx.grad.detach().float().cpu().clone() if hasattr(step, "ctx") else None  # train steps
@@ -453,12 +457,12 @@ def _sgd_step(loss_fn, params):
 
 class _Models:
     """One architecture's frozen CLIP in both forms, built once from one random-init state dict;
-    text_layers (--memory): that text depth (and one layer of a ViT image encoder) instead."""
+    text_layers (--memory, --cost): that text depth and vision_layers ViT layers instead."""
 
-    def __init__(self, arch, device, args, text_layers=None):
+    def __init__(self, arch, device, args, text_layers=None, vision_layers=1):
         self.arch, self.config = arch, ARCHS[arch]
         if text_layers is not None:
-            self.config = _shallow(self.config, text_layers)
+            self.config = _shallow(self.config, text_layers, vision_layers)
         torch.manual_seed(0)
         clip = CLIP(self.config).eval().requires_grad_(False)            # fp32, CPU, OpenAI's init
         self.official = build_official_clip(clip.state_dict(), self.config, args.official_dtype, device)
@@ -509,17 +513,17 @@ def _train_case(case, models, device, args):
         step.ctx = learner.ctx
         return step
 
-    methods = {"official": _run(official, device, args.warmup, case.repeats, models.official_bytes, memory=args.memory),
-               "ours": _run(ours, device, args.warmup, case.repeats, models.ours_bytes, memory=args.memory)}
+    methods = {"official": _run(official, device, args.warmup, case.repeats, models.official_bytes, measure=args.measure),
+               "ours": _run(ours, device, args.warmup, case.repeats, models.ours_bytes, measure=args.measure)}
     if args.cuda_graph:
         methods["graph"] = _run(lambda: ours(cuda_graph=True), device, max(args.warmup, 3), case.repeats,
                                 models.ours_bytes)
     return methods
 
 
-def _shallow(config, text_layers):
-    """The same CLIP with text_layers text layers and, for a ViT, one image layer."""
-    vision = 1 if config.is_vit else config.vision_layers
+def _shallow(config, text_layers, vision_layers=1):
+    """The same CLIP with text_layers text layers and, for a ViT, vision_layers image layers."""
+    vision = vision_layers if config.is_vit else config.vision_layers
     return replace(config, text_layers=text_layers, vision_layers=vision)
 
 
@@ -545,9 +549,112 @@ def _memory_case(case, device, args):
         if "error" in one or "error" in two:
             methods[name] = one if "error" in one else two
             continue
-        (a, b), image = ((one["step_bytes"]["text"], two["step_bytes"]["text"]), two["step_bytes"]["image"])
+        (a, b), image = ((one["record"]["text"], two["record"]["text"]), two["record"]["image"])
         step = max(image, a + (full.text_layers - 1) * (b - a))
         methods[name] = {"peak_gib": (weights[name] + step) / 2 ** 30, "loss": two["loss"], "grad": two["grad"]}
+    return methods
+
+
+# --cost: a model of a step's GPU work from its aten ops, counted on the CPU
+
+GPU_TFLOPS, GPU_TBPS = 400, 2.8     # what dense bf16 matmuls and memory traffic reach on an H100 SXM
+_MATMULS = ("mm", "addmm", "bmm", "baddbmm", "conv", "_convolution", "linear", "matmul", "_scaled_dot_product",
+            "scaled_dot_product", "_native_multi_head_attention")  # name prefixes; inference_mode keeps linear, sdpa whole
+_VIEWS = {"view", "_unsafe_view", "expand", "permute", "transpose", "t", "slice", "select", "unsqueeze", "squeeze",
+          "as_strided", "detach", "alias", "split", "split_with_sizes", "unbind", "reshape", "lift_fresh", "empty",
+          "empty_like", "new_empty", "new_empty_strided", "empty_strided"}
+_FUSABLE_BACKWARDS = ("_LayerNormFP32Backward", "_QuickGELUFnBackward")
+
+
+class _OpCost(TorchDispatchMode):
+    """Counts one call's aten ops that are not views: how many, the bytes of their tensor arguments
+    and results (what they read and write), matmuls and attention apart; and separately what our
+    CLIP's LayerNorm and QuickGELU modules run, forward (inside the modules) and backward (in their
+    autograd nodes), so that kernels/elementwise.py's kernels can stand in for them (see _cost_case)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count, self.inside = Counter(), 0
+
+    def _enter(self, module, inputs):
+        self.inside += 1
+
+    def _leave(self, module, inputs, out):
+        # the fused kernel: read x, write y (4 or 6 bytes per element with 16-bit x), one launch; and
+        # if a gradient flows, read x and the gradient, write dx, one launch
+        self.inside -= 1
+        x = inputs[0]
+        self.count["fused_bytes"] += x.nbytes + out.nbytes
+        self.count["fused_ops"] += 1
+        if torch.is_grad_enabled() and x.requires_grad:
+            self.count["fused_bytes"] += 3 * x.nbytes
+            self.count["fused_ops"] += 1
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = func.overloadpacket.__name__
+        if name.rstrip("_") in _VIEWS:
+            return out
+        tensors = [t for t in tree_leaves((args, kwargs, out)) if isinstance(t, torch.Tensor) and t.numel() > 1]
+        nbytes = sum(t.numel() * t.element_size() for t in tensors)
+        self.count["ops"] += 1
+        self.count["mm_bytes" if name.startswith(_MATMULS) else "other_bytes"] += nbytes
+        node = torch._C._current_autograd_node()
+        if self.inside or (node is not None and node.name() in _FUSABLE_BACKWARDS):
+            self.count["fusable_ops"] += 1
+            self.count["fusable_bytes"] += nbytes
+        return out
+
+
+def _op_cost(fn, modules=()):
+    """({"flops", "ops", "mm_bytes", "other_bytes", "fusable_*", "fused_*"}, fn's output); modules:
+    the LayerNorm and QuickGELU modules to count apart."""
+    flops, counter = FlopCounterMode(display=False), _OpCost()
+    hooks = [h for m in modules for h in (m.register_forward_pre_hook(counter._enter),
+                                          m.register_forward_hook(counter._leave))]
+    try:
+        with flops, counter:
+            out = fn()
+    finally:
+        for h in hooks:
+            h.remove()
+    return {"flops": flops.get_total_flops(), **counter.count}, out
+
+
+def _gpu_ms(flops, mm_bytes, other_bytes):
+    """Matmuls at the FLOP rate (or their traffic, if that takes longer), everything else at the bandwidth."""
+    return 1e3 * (max(flops / (GPU_TFLOPS * 1e12), mm_bytes / (GPU_TBPS * 1e12)) + other_bytes / (GPU_TBPS * 1e12))
+
+
+def _cost_case(case, device, args):
+    """--cost: each path's step counted at text depth 1 and 2 and ViT depth 1 and 2, every count
+    extrapolated linearly to the real depths; "gpu_ms" from _gpu_ms, no launch or host time. Ours is
+    counted with PyTorch's LayerNorm and QuickGELU, and "fused" is ours with kernels/elementwise.py's
+    kernels in their place (their ops and bytes replaced by one kernel each way). The loss and
+    gradient checks run at the first depths."""
+    full = ARCHS[case.arch]
+    depths = [(1, 1), (2, 1)] + ([(1, 2)] if full.is_vit else [])
+    runs = []
+    for text, vision in depths:
+        models = _Models(case.arch, device, args, text_layers=text, vision_layers=vision)
+        fusable = [m for m in models.ours.modules() if isinstance(m, (LayerNorm, QuickGELU))]
+        args.measure = lambda step: _op_cost(step, fusable)          # the official path runs none of them
+        runs.append((_zeroshot_case if case.kind == "zeroshot" else _train_case)(case, models, device, args))
+    args.measure = None
+    methods = {}
+    for name in runs[0]:
+        if any("error" in r[name] for r in runs):
+            methods[name] = next(r[name] for r in runs if "error" in r[name])
+            continue
+        base, deeper = runs[0][name]["record"], [r[name]["record"] for r in runs[1:]]
+        layers = (full.text_layers, full.vision_layers)
+        keys = set(base).union(*deeper) | {"mm_bytes", "other_bytes", "fusable_ops", "fusable_bytes", "fused_ops", "fused_bytes"}
+        c = {k: base.get(k, 0) + sum((n - 1) * (d.get(k, 0) - base.get(k, 0)) for n, d in zip(layers, deeper)) for k in keys}
+        methods[name] = {**runs[0][name], "record": c, "gpu_ms": _gpu_ms(c["flops"], c["mm_bytes"], c["other_bytes"])}
+        if name == "ours":
+            other = c["other_bytes"] - c["fusable_bytes"] + c["fused_bytes"]
+            methods["fused"] = {"record": {"ops": c["ops"] - c["fusable_ops"] + c["fused_ops"], "other_bytes": other},
+                                "gpu_ms": _gpu_ms(c["flops"], c["mm_bytes"], other)}
     return methods
 
 
@@ -585,9 +692,9 @@ def _zeroshot_case(case, models, device, args):
             return cosine_logits(encode(images), t, scale)
         return step
 
-    methods = {"official": _run(official, device, args.warmup, case.repeats, models.official_bytes, to_loss),
-               "ours": _run(ours, device, args.warmup, case.repeats, models.ours_bytes, to_loss)}
-    if not args.no_compile:   # does fusing LayerNorm's casts and QuickGELU's 3 kernels pay? (compile untimed)
+    methods = {"official": _run(official, device, args.warmup, case.repeats, models.official_bytes, to_loss, args.measure),
+               "ours": _run(ours, device, args.warmup, case.repeats, models.ours_bytes, to_loss, args.measure)}
+    if not args.no_compile and args.measure is None:   # does fusing LayerNorm's casts and QuickGELU's 3 kernels pay? (compile untimed)
         methods["compile"] = _run(lambda: ours(torch.compile(models.ours.visual, dynamic=False)), device,
                                   args.warmup, case.repeats, models.ours_bytes, to_loss)
     return methods
@@ -801,6 +908,10 @@ def _fmt(x, spec=".1f", suffix=""):
     return "-" if x is None else format(x, spec) + suffix
 
 
+def _table_kind(r):
+    return "head" if r["kind"] == "head" else "cost" if "gpu_ms" in r["methods"].get("ours", {}) else "train"
+
+
 def _row(r):
     """One table row; a method that failed shows OOM or error in its columns."""
     def get(method, key, spec, suffix=""):
@@ -808,6 +919,15 @@ def _row(r):
         return _fmt(m.get(key), spec, suffix) if "error" not in m else "OOM" if m["error"] == "OOM" else "error"
     diff = _fmt(r.get("loss_rel_diff"), ".1e") + ("" if "grad_rel_diff" not in r else f" / {r['grad_rel_diff']:.1e}") \
         + ("" if r.get("match", True) else " FAIL")
+    if _table_kind(r) == "cost":
+        rec = {m: r["methods"][m].get("record", {}) for m in ("official", "ours", "fused")}
+        gb = lambda m, k: _fmt(rec[m].get(k, 0) / 1e9, ".1f")  # noqa: E731
+        return (r["case"], _fmt(rec["official"].get("flops", 0) / 1e12, ".2f"), _fmt(rec["ours"].get("flops", 0) / 1e12, ".2f"),
+                f"{gb('official', 'mm_bytes')} / {gb('official', 'other_bytes')}",
+                f"{gb('ours', 'mm_bytes')} / {gb('ours', 'other_bytes')}", gb("fused", "other_bytes"),
+                " / ".join(_fmt(rec[m].get("ops"), ".0f") for m in rec),
+                get("official", "gpu_ms", ".1f"), get("ours", "gpu_ms", ".1f"), get("fused", "gpu_ms", ".1f"),
+                _fmt(_ratio(r["methods"]["official"].get("gpu_ms"), r["methods"]["fused"].get("gpu_ms")), ".1f", "x"), diff)
     if r["kind"] == "head":
         return (r["case"], get("fused", "ms", ".3f"), get("eager", "ms", ".3f"), get("compile", "ms", ".3f"),
                 _fmt(r["speedup_vs_eager"], ".2f", "x"), _fmt(r["speedup_vs_compile"], ".2f", "x"),
@@ -824,19 +944,25 @@ def _row(r):
 _HEADERS = {"train": ("case", "official ms", "ours ms", "speedup", "graph ms*", "graph speedup*", "off img/s",
                       "ours img/s", "off GiB", "ours GiB", "mem ratio", "graph GiB*", "loss / grad diff"),
             "head": ("head case", "fused ms", "eager ms", "compile ms", "vs eager", "vs compile", "fused GB/s",
-                     "of copy bw", "graph ms", "graph of bw", "loss diff")}
+                     "of copy bw", "graph ms", "graph of bw", "loss diff"),
+            "cost": ("modelled case", "off TFLOP", "ours TFLOP", "off GB mm / other", "ours GB mm / other",
+                     "fused GB other", "ops off / ours / fused", "GPU ms off", "ours", "fused", "off / fused",
+                     "loss / grad diff")}
 
 
 def _table(results):
     tables = []
     for kind, header in _HEADERS.items():
-        rows = [header] + [_row(r) for r in results if (r["kind"] == "head") == (kind == "head")]
+        rows = [header] + [_row(r) for r in results if _table_kind(r) == kind]
         if len(rows) > 1:
             widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
             tables.append("\n".join("  ".join(v.ljust(w) if i == 0 else v.rjust(w)
                                               for i, (v, w) in enumerate(zip(row, widths))) for row in rows))
             if kind == "train":
                 tables[-1] += "\n* zero-shot rows: ours with the image encoder under torch.compile instead"
+            if kind == "cost":
+                tables[-1] += (f"\nGPU ms: matmuls at {GPU_TFLOPS} TFLOPS, all other traffic at {GPU_TBPS} TB/s, no launch "
+                               "or host time; fused: ours with kernels/elementwise.py")
     return "\n\n".join(tables)
 
 
@@ -878,12 +1004,15 @@ def _parse(argv):
                    help="skip the methods replayed from a CUDA graph: ours for train steps, fused for the head (CUDA only)")
     p.add_argument("--memory", action="store_true",
                    help="CPU: model each train case's peak GPU memory instead of timing (see the docstring)")
+    p.add_argument("--cost", action="store_true",
+                   help="CPU: model each train and zero-shot case's GPU work from its ops instead of timing (docstring)")
     p.add_argument("--distributed", action="store_true",
                    help="data-parallel CoOp instead: per-rank text cost at 1k/10k/21k classes, scaling over GPUs")
     args = p.parse_args(argv)
-    if args.memory and (args.device != "cpu" or args.distributed):
-        p.exit(2, "bench.py: error: --memory models GPU memory on the CPU: pass --device cpu, without --distributed "
-                  "(on a GPU the tables measure peak memory directly)\n")
+    for flag, what in (("memory", "GPU memory"), ("cost", "GPU work")):
+        if getattr(args, flag) and (args.device != "cpu" or args.distributed or (args.memory and args.cost)):
+            p.exit(2, f"bench.py: error: --{flag} models {what} on the CPU: pass --device cpu, without --distributed "
+                      f"or the other model (on a GPU the tables measure it directly)\n")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.exit(2, "bench.py: error: --device cuda but torch sees no CUDA GPU; use --device cpu\n")
     if args.json:                                     # now, not after a long run; and never overwrite one
@@ -897,6 +1026,9 @@ def _parse(argv):
     args.selected = [c for c in all_cases(args.smoke) if not prefixes or any(c.name.startswith(s) for s in prefixes)]
     if args.memory:                                   # the train steps: the only cases with memory targets
         args.selected = [c for c in args.selected if c.kind in ("coop", "cocoop")]
+    if args.cost:
+        args.selected = [c for c in args.selected if c.kind != "head"]
+    args.measure = _cpu_peak_bytes if args.memory else None
     if not args.selected:
         p.exit(2, f"bench.py: error: --cases {args.cases!r} matches no case; see --list\n")
     if args.repeats is not None:
@@ -909,8 +1041,9 @@ def _parse(argv):
     args.no_compile = args.no_compile or args.smoke   # inductor's first compile takes longer than CI allows
     args.cuda_graph = args.cuda_graph and args.device == "cuda"
     gpu = args.device == "cuda"
-    args.official_dtype = torch.float16 if gpu else torch.bfloat16 if args.memory else torch.float32
-    args.ours_dtype = torch.bfloat16 if gpu or args.memory else torch.float32   # CPU: fp32 unless --memory
+    modelled = args.memory or args.cost                # in the GPU's 2-byte dtypes (bf16 for the official fp16)
+    args.official_dtype = torch.float16 if gpu else torch.bfloat16 if modelled else torch.float32
+    args.ours_dtype = torch.bfloat16 if gpu or modelled else torch.float32   # CPU: fp32 unless modelled
     return args
 
 
@@ -937,6 +1070,8 @@ def main(argv=None):
             methods = _head_case(case, device, args)
         elif args.memory:
             methods = _memory_case(case, device, args)
+        elif args.cost:
+            methods = _cost_case(case, device, args)
         else:
             if models is None or models.arch != case.arch:
                 models = None                                # free the previous architecture first
@@ -947,7 +1082,7 @@ def main(argv=None):
         if args.json:                                       # after every case: a killed run keeps its results
             with open(args.json, "w") as fh:
                 json.dump({"environment": env, "cases": results}, fh, indent=1)
-        header = _HEADERS["head" if case.kind == "head" else "train"]
+        header = _HEADERS[_table_kind(results[-1])]
         cells = ", ".join(f"{h} {v}" for h, v in zip(header[1:], _row(results[-1])[1:]) if v != "-")
         print(f"    {cells} ({time.perf_counter() - t0:.0f} s)", flush=True)
     models = None

@@ -172,7 +172,7 @@ def test_memory_mode_extrapolates_the_text_depth_to_the_full_depth_peak(monkeypa
         models = bench._Models("vit_deep", device, args)
         measured = bench._train_case(case, models, device, args)
         for name in ("official", "ours"):
-            full_gib = (max(measured[name]["step_bytes"].values()) + bench._nbytes(getattr(models, name))) / 2 ** 30
+            full_gib = (max(measured[name]["record"].values()) + bench._nbytes(getattr(models, name))) / 2 ** 30
             assert modeled[name]["peak_gib"] == pytest.approx(full_gib, rel=0.03), (case.kind, name)
         record = bench._summarise(case, modeled)
         assert record["match"] and record["memory_ratio"] > 1.5      # 77-token prompts keep far more
@@ -183,3 +183,42 @@ def test_memory_mode_is_refused_on_a_gpu_or_with_distributed():
         run = subprocess.run([sys.executable, "bench.py", "--memory", *extra], cwd=ROOT, capture_output=True,
                              text=True, timeout=60)
         assert run.returncode == 2 and "--memory" in run.stderr and len(run.stderr.strip().splitlines()) == 1, run.stderr
+
+
+def test_op_cost_counts_flops_bytes_and_ops_by_hand():
+    a, b, c = torch.randn(8, 16), torch.randn(16, 4), torch.randn(8, 4)
+    record, out = bench._op_cost(lambda: (a @ b + c).t())                # .t() is a view: not an op
+    assert torch.allclose(out, (a @ b + c).t())
+    assert record["flops"] == 2 * 8 * 16 * 4 and record["ops"] == 2
+    assert record["mm_bytes"] == 4 * (8 * 16 + 16 * 4 + 8 * 4)              # reads a and b, writes a @ b
+    assert record["other_bytes"] == 4 * 3 * 8 * 4                         # reads a @ b and c, writes the sum
+
+
+def test_op_cost_counts_quick_gelu_apart_and_the_fused_kernel_in_its_place():
+    from coop_min.clip import QuickGELU
+
+    gelu, x = QuickGELU(), torch.randn(64, dtype=torch.bfloat16, requires_grad=True)
+    record, _ = bench._op_cost(lambda: gelu(x).float().sum().backward(), [gelu])
+    # forward mul, sigmoid, mul; backward mul, sigmoid, mul, sigmoid_backward, mul_, mul, add_ (clip.QuickGELU)
+    assert record["fusable_ops"] == 3 + 7
+    assert record["fused_ops"] == 2 and record["fused_bytes"] == 2 * 64 * (2 + 3)  # x and y; x, grad and dx
+    assert record["ops"] > record["fusable_ops"]                          # the cast, sum and its backward too
+
+
+def test_cost_mode_extrapolates_both_depths_to_the_full_model_exactly(monkeypatch):
+    monkeypatch.setitem(bench.ARCHS, "vit_deep", bench.CLIPConfig(32, 32, 3, 64, 16, 2, 77, 49408, 64, 2, 4))
+    args = bench._parse(["--device", "cpu", "--cost", "--smoke", "--cases", "coop"])
+    device = torch.device("cpu")
+    for case in (bench.Case("coop", "coop", "vit_deep", 30, 4, 16, repeats=1),
+                 bench.Case("zeroshot", "zeroshot", "vit_deep", 10, 4, repeats=1)):
+        modeled = bench._cost_case(case, device, args)
+        models = bench._Models("vit_deep", device, args)                    # the full depths: 4 text, 3 image layers
+        fusable = [m for m in models.ours.modules() if isinstance(m, (bench.LayerNorm, bench.QuickGELU))]
+        args.measure = lambda step: bench._op_cost(step, fusable)
+        direct = (bench._zeroshot_case if case.kind == "zeroshot" else bench._train_case)(case, models, device, args)
+        args.measure = None
+        for name in ("official", "ours"):
+            got, want = modeled[name]["record"], direct[name]["record"]
+            assert {k: got[k] for k in want} == dict(want), (case.kind, name)
+        assert modeled["fused"]["record"]["ops"] < modeled["ours"]["record"]["ops"]
+        assert modeled["fused"]["gpu_ms"] < modeled["ours"]["gpu_ms"]
