@@ -1,6 +1,6 @@
 """Throughput and memory of CoOp / CoCoOp: an official-equivalent path and ours, side by side.
 
-    python bench.py [--device cuda|cpu] [--cases PREFIX,...] [--json PATH] [--smoke] [--memory]
+    python bench.py [--device cuda|cpu] [--cases PREFIX,...] [--json PATH] [--smoke] [--memory | --cost]
 
 One process, one device, the same random-init CLIP weights, inputs, class names and initial context
 for both paths:
@@ -45,6 +45,15 @@ peak of a step's allocations comes from the profiler's allocation events, measur
 and 2 and extrapolated linearly (every text layer keeps the same activations for backward; the image
 encoder keeps none), plus the real model's weights. Checked against peaks measured on an H100: within
 4% where activations dominate; 0.1-0.3 GiB low at 10 classes, where CUDA's workspaces count (README).
+
+`--cost` (CPU) models the train and zero-shot cases' GPU work and times nothing: one step per path
+counted op by op (FLOPs from torch.utils.flop_counter; bytes as every non-view aten op's tensor
+arguments and results), text and ViT depth each extrapolated from 1 and 2 layers, in 2-byte dtypes;
+"GPU ms" puts matmuls and attention at 400 TFLOPS (or their traffic, if slower) and all other traffic
+at 2.8 TB/s, with no launch or host time: roughly what a step replayed from a CUDA graph approaches.
+"fused" is ours with kernels/elementwise.py's kernels in place of the ops LayerNorm and QuickGELU
+run (their real inputs and outputs, one launch each way). Against session 1's H100 timings where the
+GPU was busy (1000 classes, CoCoOp at batch 8, zero-shot) the model is within about 20% (README).
 
 `--distributed` measures data-parallel CoOp (coop_min/distributed.py) instead of the cases above:
 - a per-rank cost model on one device: the text encoder's forward and backward over the 1/N of the

@@ -136,7 +136,11 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
         else:
             pk, pv = prefix_kv
-            pk, pv = (pk[group], pv[group]) if group is not None else (pk.expand(B, -1, -1, -1), pv.expand(B, -1, -1, -1))
+            if group is None:                        # backward sums over the rows with fp32 accumulation
+                pk, pv = pk.expand(B, -1, -1, -1), pv.expand(B, -1, -1, -1)
+            else:                                    # gathered in fp32: backward index-adds every row into its
+                pk, pv = pk.float()[group].to(pk.dtype), pv.float()[group].to(pv.dtype)  # prefix, and in
+                # bf16 a sum over hundreds of rows loses most of itself (CoCoOp's context gradient was 26% off)
             P = pk.shape[2]
             mask = torch.ones(L, P + L, dtype=torch.bool, device=x.device).tril(diagonal=P)  # j sees <= P + j
             y = F.scaled_dot_product_attention(q, torch.cat([pk, k], 2), torch.cat([pv, v], 2), attn_mask=mask)

@@ -296,6 +296,31 @@ def test_bf16_clip_keeps_fp32_context_and_matches_reference(clip):
         assert fast.learner.ctx.grad.dtype == torch.float32 and fast.learner.ctx.grad.abs().sum() > 0
 
 
+def test_bf16_cocoop_shared_prefix_gradient_sums_the_classes_in_fp32():
+    """Every (image, class) row's gradient flows back into its image's one prefix: 300 classes summed.
+    A bf16 index_add lost most of that sum (the context gradient was 26% off the full sequences');
+    it must stay within bf16 noise of the full path, as both stay of the fp32 gradient."""
+    from coop_min.clip import build_clip, convert_dtype
+
+    torch.manual_seed(0)
+    state = CLIP(CLIPConfig(64, 32, 1, 64, 16, 2, 77, 49408, 128, 2, 2)).state_dict()
+    names = [f"class {i}" for i in range(300)]
+    g = torch.Generator().manual_seed(1)
+    images, labels = torch.randn(2, 3, 32, 32, generator=g), torch.tensor([0, 299])
+    grads = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        low = convert_dtype(build_clip(state), dtype)
+        for shared_prefix in (False, True):
+            model = build_prompted_clip(low, names, PromptConfig(method="cocoop"), seed=2, shared_prefix=shared_prefix)
+            model.loss(images, labels).backward()
+            grads[dtype, shared_prefix] = model.learner.ctx.grad
+    exact = grads[torch.float32, False]
+    rel = lambda a, b: float((a - b).norm() / b.norm())  # noqa: E731
+    assert rel(grads[torch.float32, True], exact) < 1e-5
+    noise = rel(grads[torch.bfloat16, False], exact)
+    assert rel(grads[torch.bfloat16, True], exact) < max(2 * noise, 0.02), (noise, rel(grads[torch.bfloat16, True], exact))
+
+
 # ----------------------------------------------------------------------------------------------
 # files
 
