@@ -53,7 +53,7 @@ arguments and results), text and ViT depth each extrapolated from 1 and 2 layers
 at 2.8 TB/s, with no launch or host time: roughly what a step replayed from a CUDA graph approaches.
 "fused" is ours with kernels/elementwise.py's kernels in place of the ops LayerNorm and QuickGELU
 run (their real inputs and outputs, one launch each way). Against session 1's H100 timings where the
-GPU was busy (1000 classes, CoCoOp at batch 8, zero-shot) the model is within about 20% (README).
+GPU was busy (1000 classes, CoCoOp at batch 8, zero-shot) the model is 5-26% low (README).
 
 `--distributed` measures data-parallel CoOp (coop_min/distributed.py) instead of the cases above:
 - a per-rank cost model on one device: the text encoder's forward and backward over the 1/N of the
