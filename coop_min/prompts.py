@@ -21,7 +21,7 @@ context vector, so every (image, class) pair has its own prompt.
   (`CLIP.encode_text_prefixed`). It saves activation memory (H100, ViT-B/16, 1000 classes: 2.5 vs
   5.3 GiB) but doubles the kernel launches, and eager steps at these sizes are launch-bound, so it
   is slower (54 vs 42 ms); hence off by default. Replayed from a CUDA graph, launches cost little
-  and it does a third of the GPU work (README's cost model): try it with --cuda-graph.
+  and at 1000 classes it does less than half the GPU work (bench.py --cost): try it with --cuda-graph.
 
 Where we differ from the official code, on purpose:
 - A ctx_init phrase sets M to its number of BPE tokens (the official code counts words and assumes
