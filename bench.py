@@ -573,6 +573,7 @@ _VIEWS = {"view", "_unsafe_view", "expand", "permute", "transpose", "t", "slice"
           "as_strided", "detach", "alias", "split", "split_with_sizes", "unbind", "reshape", "lift_fresh", "empty",
           "empty_like", "new_empty", "new_empty_strided", "empty_strided"}
 _FUSABLE_BACKWARDS = ("_LayerNormFP32Backward", "_QuickGELUFnBackward")
+_COUNTS = ("ops", "mm_bytes", "other_bytes", "fusable_ops", "fusable_bytes", "fused_ops", "fused_bytes")
 
 
 class _OpCost(TorchDispatchMode):
@@ -627,7 +628,7 @@ def _op_cost(fn, modules=()):
     finally:
         for h in hooks:
             h.remove()
-    return {"flops": flops.get_total_flops(), **counter.count}, out
+    return {"flops": flops.get_total_flops(), **{k: counter.count[k] for k in _COUNTS}}, out
 
 
 def _gpu_ms(flops, mm_bytes, other_bytes):
@@ -657,8 +658,7 @@ def _cost_case(case, device, args):
             continue
         base, deeper = runs[0][name]["record"], [r[name]["record"] for r in runs[1:]]
         layers = (full.text_layers, full.vision_layers)
-        keys = set(base).union(*deeper) | {"mm_bytes", "other_bytes", "fusable_ops", "fusable_bytes", "fused_ops", "fused_bytes"}
-        c = {k: base.get(k, 0) + sum((n - 1) * (d.get(k, 0) - base.get(k, 0)) for n, d in zip(layers, deeper)) for k in keys}
+        c = {k: base[k] + sum((n - 1) * (d[k] - base[k]) for n, d in zip(layers, deeper)) for k in base}
         methods[name] = {**runs[0][name], "record": c, "gpu_ms": _gpu_ms(c["flops"], c["mm_bytes"], c["other_bytes"])}
         if name == "ours":
             other = c["other_bytes"] - c["fusable_bytes"] + c["fused_bytes"]
