@@ -222,3 +222,20 @@ def test_cost_mode_extrapolates_both_depths_to_the_full_model_exactly(monkeypatc
             assert {k: got[k] for k in want} == dict(want), (case.kind, name)
         assert modeled["fused"]["record"]["ops"] < modeled["ours"]["record"]["ops"]
         assert modeled["fused"]["gpu_ms"] < modeled["ours"]["gpu_ms"]
+
+
+def test_memory_and_cost_modes_run_from_the_command_line(tmp_path):
+    for mode, column in (("--memory", "ours GiB"), ("--cost", "GPU ms off")):
+        out = tmp_path / f"{mode[2:]}.json"
+        run = subprocess.run([sys.executable, "bench.py", "--device", "cpu", "--smoke", mode, "--cases",
+                              "coop-vit_tiny-c3,zeroshot-vit", "--json", str(out)], cwd=ROOT, capture_output=True,
+                             text=True, timeout=180, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert run.returncode == 0 and column in run.stdout, run.stdout[-3000:] + run.stderr[-3000:]
+        cases = {r["case"]: r for r in json.loads(out.read_text())["cases"]}
+        if mode == "--memory":                                # zero-shot has no memory target: not run
+            assert list(cases) == ["coop-vit_tiny-c3"]
+            assert all(cases["coop-vit_tiny-c3"]["methods"][m]["peak_gib"] > 0 for m in ("official", "ours"))
+        else:
+            assert set(cases) == {"coop-vit_tiny-c3", "zeroshot-vit_tiny"}
+            for r in cases.values():
+                assert r["match"] and all(r["methods"][m]["gpu_ms"] > 0 for m in ("official", "ours", "fused"))
