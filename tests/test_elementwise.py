@@ -149,8 +149,10 @@ def test_a_weight_of_the_wrong_width_is_refused():
 
 
 @interpreted
-@pytest.mark.parametrize("method,shared_prefix", [("coop", False), ("coop", True), ("cocoop", False), ("cocoop", True)])
-def test_fast_path_with_the_kernels_equals_the_reference_path(monkeypatch, method, shared_prefix):
+@pytest.mark.parametrize("method,shared_prefix,resnet", [("coop", False, False), ("coop", True, False),
+                                                         ("cocoop", False, False), ("cocoop", True, False),
+                                                         ("coop", False, True)])
+def test_fast_path_with_the_kernels_equals_the_reference_path(monkeypatch, method, shared_prefix, resnet):
     """Under the interpreter PromptedCLIP's fast path runs the CLIP's LayerNorms and QuickGELUs as
     these kernels (counted): loss and context gradient must equal the plain reference path's (fp32)."""
     from coop_min.clip import CLIP, CLIPConfig
@@ -161,7 +163,8 @@ def test_fast_path_with_the_kernels_equals_the_reference_path(monkeypatch, metho
         kernel = getattr(ew, name)
         monkeypatch.setattr(ew, name, lambda *a, _k=kernel, _n=name, **k: calls.__setitem__(_n, calls[_n] + 1) or _k(*a, **k))
     torch.manual_seed(0)
-    clip = CLIP(CLIPConfig(32, 32, 2, 64, 16, 2, 77, 49408, 64, 2, 2)).eval()
+    vision = ((1, 1, 1, 1), 8, None) if resnet else (2, 64, 16)             # layers, width, patch
+    clip = CLIP(CLIPConfig(32, 32, *vision, 2, 77, 49408, 64, 2, 2)).eval()
     names = ["cat", "sea lion", "fire truck", "a"]
     config = PromptConfig.for_method(method, ctx_init="")
     g = torch.Generator().manual_seed(1)
@@ -173,8 +176,9 @@ def test_fast_path_with_the_kernels_equals_the_reference_path(monkeypatch, metho
         loss.backward()
         results.append((loss.detach(), model.learner.ctx.grad.clone()))
         if not reference:
-            # image encoder: ln_pre, ln_post, 2 per block; text: 2 per block and ln_final (once per chunk/prefix)
-            assert calls["layer_norm"] >= 2 + 2 * 2 + 2 * 2 + 1 and calls["quick_gelu"] >= 2 + 2, calls
+            # ViT: ln_pre, ln_post, 2 per block (a ResNet has none); text: 2 per block and ln_final
+            image = (0, 0) if resnet else (2 + 2 * 2, 2)
+            assert calls["layer_norm"] >= image[0] + 2 * 2 + 1 and calls["quick_gelu"] >= image[1] + 2, calls
             seen = dict(calls)
     assert calls == seen                                   # the reference path calls none of them
     (fast_loss, fast_grad), (ref_loss, ref_grad) = results
