@@ -17,7 +17,8 @@ for both paths:
   [SOS, ctx] prefixes.
 - graph (CUDA only; off with --no-cuda-graph): for train steps, ours with the whole step -- forward,
   backward, SGD update -- captured once as a CUDA graph and replayed (coop_min/cuda_graph.py, train.py
-  --cuda-graph), which removes the launch and Python cost that bounds these steps. For the head
+  --cuda-graph), which removes the launch and Python cost that bounds these steps; with prompts in
+  length buckets, as train.py --cuda-graph has them (--length-buckets: in ours' eager steps too). For the head
   cases, "graph" is the fused forward and backward replayed from a CUDA graph: the kernels' own time,
   which is what the bandwidth fraction of a memory-bound kernel should be judged by.
 On CPU both paths compute in fp32.
@@ -509,8 +510,8 @@ def _train_case(case, models, device, args):
             learner.ctx.copy_(ctx)
         if cocoop:
             learner.meta_net.load_state_dict(meta_state)
-        model = PromptedCLIP(models.ours, learner, shared_prefix=args.shared_prefix,
-                             fused_elementwise=args.fused_elementwise).train()
+        model = PromptedCLIP(models.ours, learner, shared_prefix=args.shared_prefix, fused_elementwise=args.fused_elementwise,
+                             length_buckets=args.length_buckets or cuda_graph).train()   # as train.py --cuda-graph
         if not cuda_graph:
             step = _sgd_step(lambda: model.loss(images, labels), model.trainable_parameters())
         else:
@@ -987,7 +988,7 @@ def _environment(device, args):
             "torch": torch.__version__, "triton": triton_version, "python": platform.python_version(),
             "official_dtype": str(args.official_dtype), "ours_dtype": str(args.ours_dtype),
             "fused_head": "triton" if use_triton(probe) else "pytorch twin", "shared_prefix": args.shared_prefix,
-            "fused_elementwise": args.fused_elementwise and use_triton(probe),
+            "fused_elementwise": args.fused_elementwise and use_triton(probe), "length_buckets": args.length_buckets,
             "copy_gbps": args.copy_gbps, "smoke": args.smoke, "warmup": args.warmup}
 
 
@@ -1008,6 +1009,8 @@ def _parse(argv):
     p.add_argument("--shared-prefix", action="store_true", help="ours with the shared-prefix text path (less memory, more launches)")
     p.add_argument("--no-fused-elementwise", dest="fused_elementwise", action="store_false",
                    help="ours with PyTorch's LayerNorm and QuickGELU instead of kernels/elementwise.py (CUDA), to see what they give")
+    p.add_argument("--length-buckets", action="store_true",
+                   help="ours with prompts in length buckets in eager steps too (the graph method always has them)")
     p.add_argument("--list", action="store_true", help="print the selected case names and exit")
     p.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false",
                    help="skip the methods replayed from a CUDA graph: ours for train steps, fused for the head (CUDA only)")

@@ -373,7 +373,14 @@ class CLIP(nn.Module):
         x = x[torch.arange(x.shape[0], device=x.device), eot]               # (N, W): only EOT rows
         return _norm(self.ln_final, x, ops) @ self.text_projection.to(x.dtype)
 
-    def encode_text_prefixed(self, prefix, suffix, eot, group=None, length=None, ops=None):
+    def text_prefix_kvs(self, prefix, ops=None):
+        """Each text layer's keys and values (G, h, P, hs) for the prefixes (G, P, W) of token embeddings:
+        what the suffixes of encode_text_prefixed attend to."""
+        P = prefix.shape[1]
+        x = prefix.to(self.dtype) + self.positional_embedding[:P].to(self.dtype)
+        return self.transformer(x, causal=True, return_kvs=True, ops=ops)[1]
+
+    def encode_text_prefixed(self, prefix, suffix, eot, group=None, length=None, ops=None, kvs=None):
         """Text features of sequences that share prefixes: [prefix[group[n]], suffix[n]] -> (N, D).
 
         prefix (G, P, W) and suffix (N, S, W) are token embeddings; eot (N,) are EOT positions in the
@@ -381,6 +388,7 @@ class CLIP(nn.Module):
         through the transformer once and every suffix attends to its cached keys/values, so the
         prefix costs G passes instead of N. Exact: the causal prefix never sees the suffix.
         length, ops: as in encode_text_embeddings (given, the EOT positions are the caller's to check).
+        kvs: text_prefix_kvs(prefix), when several calls share the prefixes (else computed here).
         """
         P = prefix.shape[1]
         if length is None:
@@ -388,9 +396,9 @@ class CLIP(nn.Module):
                 raise ValueError(f"an EOT position ({int(eot.min())}) lies inside the shared prefix of length {P}")
             length = int(eot.max()) + 1
         S = length - P                                                       # EOT truncation
-        pos = self.positional_embedding.to(self.dtype)
-        _, kvs = self.transformer(prefix.to(self.dtype) + pos[:P], causal=True, return_kvs=True, ops=ops)
-        x = self.transformer(suffix[:, :S].to(self.dtype) + pos[P:P + S], prefix_kvs=kvs, group=group, ops=ops)
+        kvs = self.text_prefix_kvs(prefix, ops) if kvs is None else kvs
+        pos = self.positional_embedding[P:P + S].to(self.dtype)
+        x = self.transformer(suffix[:, :S].to(self.dtype) + pos, prefix_kvs=kvs, group=group, ops=ops)
         x = x[torch.arange(x.shape[0], device=x.device), eot - P]            # (N, W)
         return _norm(self.ln_final, x, ops) @ self.text_projection.to(x.dtype)
 

@@ -22,6 +22,10 @@ context vector, so every (image, class) pair has its own prompt.
   5.3 GiB) but doubles the kernel launches, and eager steps at these sizes are launch-bound, so it
   is slower (54 vs 42 ms); hence off by default. Replayed from a CUDA graph, launches cost little
   and at 1000 classes it does less than half the GPU work (bench.py --cost): try it with --cuda-graph.
+- length buckets (opt-in, `length_buckets=True`; train.py turns them on with --cuda-graph): prompts
+  are sorted by length and cut into chunks of at least _MIN_BUCKET, each padded only to its own
+  longest prompt instead of the longest of all (exact: padding after EOT is never read). Fewer
+  tokens, but each chunk is another pass of launches, which only a CUDA graph makes cheap.
 
 Where we differ from the official code, on purpose:
 - A ctx_init phrase sets M to its number of BPE tokens (the official code counts words and assumes
@@ -48,6 +52,7 @@ from coop_min.kernels.cosine_ce import cosine_ce, cosine_logits, cosine_logits_r
 from coop_min.tokenizer import encode, tokenize
 
 METHODS = ("coop", "cocoop")
+_MIN_BUCKET = 256   # prompts per length bucket at least: fewer, and launches cost more than padding saves
 POSITIONS = ("end", "middle", "front")
 _PAPER = {"coop": (16, ""), "cocoop": (4, "a photo of a")}  # (n_ctx, ctx_init) of the paper configs
 
@@ -135,7 +140,8 @@ class _PromptLearner(nn.Module):
         if config.ctx_init and not (tokens[:, 1:1 + M] == torch.tensor(encode(prompt_prefix))).all():
             raise ValueError(f"ctx_init={config.ctx_init!r} tokenizes differently when followed by a class "
                              "name; end it with a word, not punctuation")
-        self.eot_max = int(tokens.argmax(dim=-1).max())                     # on the host: no sync per step
+        self.eot_list = tokens.argmax(dim=-1).tolist()                      # on the host: no sync per step
+        self.eot_max = max(self.eot_list)
         tokens = tokens.to(device)                                          # (C, L)
         with torch.no_grad():
             embedding = clip.token_embedding(tokens)                        # (C, L, W), CLIP dtype
@@ -230,7 +236,7 @@ class PromptedCLIP(nn.Module):
     """A frozen CLIP and a prompt learner: image features, text features, logits and the loss."""
 
     def __init__(self, clip, learner, reference: bool = False, max_prompts_per_chunk: int = 4096,
-                 shared_prefix: bool = False, fused_elementwise: bool = True):
+                 shared_prefix: bool = False, fused_elementwise: bool = True, length_buckets: bool = False):
         super().__init__()
         self.clip = clip.requires_grad_(False).eval()
         self.learner = learner
@@ -238,6 +244,8 @@ class PromptedCLIP(nn.Module):
         self.max_prompts_per_chunk = max_prompts_per_chunk
         self.shared_prefix = shared_prefix       # [SOS, ctx] encoded once (UC-end CoOp, CoCoOp); see docstring
         self.fused_elementwise = fused_elementwise  # fast path on CUDA: kernels/elementwise.py in the CLIP
+        self.length_buckets = length_buckets     # chunks padded to their own longest prompt; see docstring
+        self._plans = {}                         # (EOT positions, device) -> a bucket plan, see _bucket_plan
         # Data-parallel CoOp (coop_min.distributed): (classes, gather) makes text_features encode only
         # `classes` (n,) and return gather(their features) -> all (C, D); None: encode every class.
         self.class_shard = None
@@ -263,25 +271,59 @@ class PromptedCLIP(nn.Module):
     def encode_images(self, images):  # (B, 3, H, W) -> (B, D) unnormalised, CLIP dtype
         return self.clip.encode_image(images, ops=self._ops(images))
 
-    def _encode_prompts(self, prompts, eot):  # (N, L, W), (N,) -> (N, D)
+    def _encode_prompts(self, prompts, eot, length=None):  # (N, L, W), (N,) -> (N, D)
         return self.clip.encode_text_embeddings(prompts, eot, truncate=not self.reference,
-                                                length=self.learner.eot_max + 1, ops=self._ops(prompts))
+                                                length=length or self.learner.eot_max + 1, ops=self._ops(prompts))
 
-    def _encode_chunked(self, build, index):
-        """Text features of the prompts build(index chunk) gives, max_prompts_per_chunk at a time."""
-        return torch.cat([self._encode_prompts(*build(i)) for i in index.split(self.max_prompts_per_chunk)])
+    def _bucket_plan(self, eots, device):
+        """Chunks of the prompts whose EOT positions are `eots` (host ints) sorted by length: [(their
+        positions (n,) long, length)], cut where the length changes once a chunk holds _MIN_BUCKET and
+        at max_prompts_per_chunk; and the permutation that puts the chunks' features back in order.
+        None when it would be one chunk. Built once per prompt set and device (outside any capture)."""
+        key = (tuple(eots), str(device))
+        if key not in self._plans:
+            order = sorted(range(len(eots)), key=eots.__getitem__)
+            cuts, start = [], 0
+            for j in range(1, len(order) + 1):
+                at_end, size = j == len(order), j - start
+                longer = not at_end and eots[order[j]] > eots[order[j - 1]]
+                if at_end or size == self.max_prompts_per_chunk or (
+                        longer and size >= _MIN_BUCKET and len(order) - j >= _MIN_BUCKET):
+                    cuts.append((start, j))
+                    start = j
+            plan = None
+            if len(cuts) > 1:
+                chunks = [(torch.tensor(order[a:b], device=device), eots[order[b - 1]] + 1) for a, b in cuts]
+                plan = chunks, torch.tensor(order, device=device).argsort()
+            self._plans[key] = plan
+        return self._plans[key]
+
+    def _run_chunks(self, encode, index, eots=None):
+        """encode(index part, length) over index in chunks, features in index order: max_prompts_per_chunk
+        at a time, all padded to the longest prompt; or with length buckets (eots: the prompts' EOT
+        positions on the host) sorted and padded per chunk."""
+        plan = self._bucket_plan(eots, index.device) if self.length_buckets and eots is not None else None
+        if plan is None:
+            return torch.cat([encode(i, self.learner.eot_max + 1) for i in index.split(self.max_prompts_per_chunk)])
+        chunks, inverse = plan
+        return torch.cat([encode(index[p], length) for p, length in chunks])[inverse]
+
+    def _encode_chunked(self, build, index, eots=None):
+        """Text features of the prompts build(index part) gives, chunk by chunk (_run_chunks)."""
+        return self._run_chunks(lambda i, length: self._encode_prompts(*build(i), length), index, eots)
 
     def _prefix_shared(self):
         lrn = self.learner
         return (self.shared_prefix and not self.reference and lrn.ctx.dim() == 2
                 and getattr(lrn, "class_token_position", "end") == "end")
 
-    def _encode_prefixed(self, prefix, suffix_of, index):
-        """Features of the prompts of `index` that continue `prefix` (G, P, W): suffix_of(index chunk)
-        gives their suffixes, EOT positions and prefix groups; the prefix is encoded once per chunk."""
-        return torch.cat([self.clip.encode_text_prefixed(prefix, *suffix_of(i), length=self.learner.eot_max + 1,
-                                                         ops=self._ops(prefix))
-                          for i in index.split(self.max_prompts_per_chunk)])
+    def _encode_prefixed(self, prefix, suffix_of, index, eots=None):
+        """Features of the prompts of `index` that continue `prefix` (G, P, W): suffix_of(index part)
+        gives their suffixes, EOT positions and prefix groups; the prefix is encoded once for all chunks."""
+        ops = self._ops(prefix)
+        kvs = self.clip.text_prefix_kvs(prefix, ops)
+        return self._run_chunks(lambda i, length: self.clip.encode_text_prefixed(
+            prefix, *suffix_of(i), length=length, ops=ops, kvs=kvs), index, eots)
 
     def text_features(self, image_features=None):
         """Unnormalised text features: CoOp (C, D); CoCoOp (B, C, D) for image features (B, D)."""
@@ -292,11 +334,12 @@ class PromptedCLIP(nn.Module):
             if self.reference:
                 return self._encode_prompts(lrn(), lrn.eot)                 # (C, L, W) -> (C, D)
             classes, gather = self.class_shard or (torch.arange(lrn.n_cls, device=lrn.eot.device), None)
+            eots = lrn.eot_list if self.class_shard is None else None      # the shard's are not on the host
             if self._prefix_shared():                                       # one prefix for all classes
                 prefix = torch.cat([lrn.token_prefix[:1], lrn.ctx[None].to(lrn.token_prefix.dtype)], 1)
-                t = self._encode_prefixed(prefix, lambda i: (lrn.token_suffix[i], lrn.eot[i], None), classes)
+                t = self._encode_prefixed(prefix, lambda i: (lrn.token_suffix[i], lrn.eot[i], None), classes, eots)
             else:
-                t = self._encode_chunked(lambda i: (lrn(i), lrn.eot[i]), classes)
+                t = self._encode_chunked(lambda i: (lrn(i), lrn.eot[i]), classes, eots)
             return t if gather is None else gather(t)
         if image_features is None or image_features.dim() != 2:
             raise ValueError("CoCoOp text features need image features (B, D), got "
@@ -306,11 +349,13 @@ class PromptedCLIP(nn.Module):
             return torch.stack([self._encode_prompts(p, lrn.eot) for p in lrn(f)])
         ctx, C = lrn.shifted_ctx(f), lrn.n_cls                              # (B, M, W)
         pairs = torch.arange(len(f) * C, device=lrn.eot.device)            # (image, class) = divmod(pair, C)
+        eots = lrn.eot_list * len(f) if self.length_buckets else None
         if self._prefix_shared():                                           # one prefix per image
             prefix = torch.cat([lrn.token_prefix[:1].expand(len(f), -1, -1), ctx.to(lrn.token_prefix.dtype)], 1)
-            feats = self._encode_prefixed(prefix, lambda i: (lrn.token_suffix[i % C], lrn.eot[i % C], i // C), pairs)
+            feats = self._encode_prefixed(prefix, lambda i: (lrn.token_suffix[i % C], lrn.eot[i % C], i // C),
+                                          pairs, eots)
         else:
-            feats = self._encode_chunked(lambda i: (lrn.pair_prompts(ctx, i // C, i % C), lrn.eot[i % C]), pairs)
+            feats = self._encode_chunked(lambda i: (lrn.pair_prompts(ctx, i // C, i % C), lrn.eot[i % C]), pairs, eots)
         return feats.view(len(f), C, -1)                                    # (B, C, D)
 
     def _scale(self):
@@ -352,12 +397,13 @@ class PromptedCLIP(nn.Module):
 
 def build_prompted_clip(clip, classnames, config: PromptConfig | None = None, seed: int = 0,
                         reference: bool = False, max_prompts_per_chunk: int = 4096,
-                        shared_prefix: bool = False, fused_elementwise: bool = True) -> PromptedCLIP:
+                        shared_prefix: bool = False, fused_elementwise: bool = True,
+                        length_buckets: bool = False) -> PromptedCLIP:
     """A new learner for `classnames` (CoOp or CoCoOp by config.method) on a frozen CLIP."""
     config = config or PromptConfig()
     learner_cls = CoCoOpPromptLearner if config.method == "cocoop" else CoOpPromptLearner
     return PromptedCLIP(clip, learner_cls(clip, classnames, config, seed), reference, max_prompts_per_chunk,
-                        shared_prefix, fused_elementwise)
+                        shared_prefix, fused_elementwise, length_buckets)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -401,7 +401,7 @@ def run(cfg: TrainConfig):
     prompt_cfg = PromptConfig(method=cfg.method, n_ctx=cfg.n_ctx, ctx_init=cfg.ctx_init, csc=cfg.csc,
                               class_token_position=cfg.class_token_position)
     model = build_prompted_clip(clip, train_split.classnames, prompt_cfg, seed=cfg.seed, reference=cfg.reference_path,
-                                shared_prefix=cfg.shared_prefix)
+                                shared_prefix=cfg.shared_prefix, length_buckets=cfg.cuda_graph)  # see prompts.py
     _shard_classes(model, cfg, world)
     res = clip.visual.input_resolution
     parallel = "" if world.size == 1 else (f" across {world.size} processes" +
@@ -491,7 +491,8 @@ def parse_args(argv=None) -> TrainConfig:
     a("--no-shard-text", dest="shard_text", action="store_false",
       help="under torchrun, CoOp: every process encodes all classes (default: each encodes 1/N of them)")
     a("--cuda-graph", action="store_true",
-      help="capture each training step as a CUDA graph and replay it (one CUDA process; see README)")
+      help="capture each training step as a CUDA graph and replay it, with prompts in length buckets "
+           "(one CUDA process; see README)")
     a("--save-every", type=int, default=0, help="also checkpoint every N steps inside an epoch")
     a("--print-every", type=int, default=10, help="progress line every N steps (default 10)")
     args = p.parse_args(argv)

@@ -226,18 +226,60 @@ def test_class_shard_encodes_only_its_classes(clip):
     assert torch.equal(t[[0, 3]], torch.zeros(2, 32))
 
 
+def test_length_bucket_plan_sorts_cuts_and_restores_the_order(clip, monkeypatch):
+    import coop_min.prompts as P
+
+    monkeypatch.setattr(P, "_MIN_BUCKET", 2)
+    model = build_prompted_clip(clip, CLASSNAMES, PromptConfig(n_ctx=4), max_prompts_per_chunk=3, length_buckets=True)
+    eots = [9, 5, 7, 5, 9, 5, 12]                         # sorted: 5 5 5 | 7 9 9 | 12 -> the last joins no chunk of 2
+    chunks, inverse = model._bucket_plan(eots, torch.device("cpu"))
+    # a chunk ends at a length change once it has 2 prompts (and 2 remain), or at 3 prompts
+    assert [(p.tolist(), n) for p, n in chunks] == [([1, 3, 5], 6), ([2, 0, 4], 10), ([6], 13)]
+    order = torch.cat([p for p, _ in chunks])
+    assert torch.equal(order[inverse], torch.arange(7))
+    assert model._bucket_plan([5, 5, 6], torch.device("cpu")) is None    # one chunk: the plain path
+
+
+@pytest.mark.parametrize("method,shared_prefix", [("coop", False), ("coop", True), ("cocoop", False), ("cocoop", True)])
+def test_length_buckets_give_the_features_of_one_padded_batch(clip, monkeypatch, method, shared_prefix):
+    """Each bucket is padded to its own longest prompt; padding after EOT is never read, so the text
+    features (and the loss's gradient) must be those of the plain path, in the same order."""
+    import coop_min.prompts as P
+
+    monkeypatch.setattr(P, "_MIN_BUCKET", 2)
+    names = ["dog", "golden_retriever", "2012 Tesla Model S", "cat", "sea lion", "a b c d e f", "ox", "fire truck"]
+    f = torch.randn(3, 32, generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([7, 2, 0])
+    out = {}
+    for buckets in (False, True):
+        model = build_prompted_clip(clip, names, PromptConfig.for_method(method), seed=1,
+                                    shared_prefix=shared_prefix, length_buckets=buckets)
+        if buckets:
+            eots = model.learner.eot_list * (len(f) if method == "cocoop" else 1)
+            assert model._bucket_plan(eots, torch.device("cpu")) is not None     # several buckets do run
+        t = model.text_features(f if method == "cocoop" else None)
+        model.loss(f, labels).backward()
+        out[buckets] = t.detach(), model.learner.ctx.grad.clone()
+    _close(out[True][0], out[False][0])
+    _close(out[True][1], out[False][1])
+
+
 class _HostRead(Exception):
     pass
 
 
-@pytest.mark.parametrize("method,shared_prefix", [("coop", False), ("coop", True), ("cocoop", False),
-                                                  ("cocoop", True)])
-def test_fast_step_reads_no_device_value_on_the_host(clip, monkeypatch, method, shared_prefix):
+@pytest.mark.parametrize("method,shared_prefix,buckets", [("coop", False, False), ("coop", True, False),
+                                                          ("cocoop", False, False), ("cocoop", True, False),
+                                                          ("coop", False, True), ("cocoop", True, True)])
+def test_fast_step_reads_no_device_value_on_the_host(clip, monkeypatch, method, shared_prefix, buckets):
     """A CUDA graph cannot capture a host read of a device value (.item(), int(t), if t: ...), and on a
     GPU each one stalls the launch queue. The fast step (forward, backward, SGD) must make none; on
-    CPU they are made to raise here."""
+    CPU they are made to raise here. (Length buckets plan on the first step, outside any capture.)"""
+    import coop_min.prompts as P
+
+    monkeypatch.setattr(P, "_MIN_BUCKET", 1)
     model = build_prompted_clip(clip, CLASSNAMES, PromptConfig.for_method(method), seed=0,
-                                max_prompts_per_chunk=3, shared_prefix=shared_prefix).train()
+                                max_prompts_per_chunk=3, shared_prefix=shared_prefix, length_buckets=buckets).train()
     optimizer = torch.optim.SGD(model.trainable_parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
     images, labels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)), torch.tensor([3, 1])
 
