@@ -54,7 +54,7 @@ class LayerNorm(nn.LayerNorm):
     def forward(self, x):
         w = self.weight.float() if self.weight is not None else None
         b = self.bias.float() if self.bias is not None else None
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() and x.dtype != torch.float32:           # fp32: x.float() is x, nothing to save
             return _LayerNormFP32.apply(x, w, b, self.normalized_shape, self.eps)
         return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps).to(x.dtype)
 
