@@ -480,7 +480,7 @@ class _Models:
         self.official_bytes, self.ours_bytes = _nbytes(self.official), _nbytes(self.ours)
 
 
-def _train_case(case, models, device, args):
+def _train_case(case, models, device, args, measure=None):
     """CoOp or CoCoOp: one SGD step per call, from the same context (and Meta-Net) for both paths."""
     g = torch.Generator().manual_seed(1)
     torch.manual_seed(1)                                      # the Meta-Net's default init
@@ -523,8 +523,8 @@ def _train_case(case, models, device, args):
         step.ctx = learner.ctx
         return step
 
-    methods = {"official": _run(official, device, args.warmup, case.repeats, models.official_bytes, measure=args.measure),
-               "ours": _run(ours, device, args.warmup, case.repeats, models.ours_bytes, measure=args.measure)}
+    methods = {"official": _run(official, device, args.warmup, case.repeats, models.official_bytes, measure=measure),
+               "ours": _run(ours, device, args.warmup, case.repeats, models.ours_bytes, measure=measure)}
     if args.cuda_graph:
         methods["graph"] = _run(lambda: ours(cuda_graph=True), device, max(args.warmup, 3), case.repeats,
                                 models.ours_bytes)
@@ -549,7 +549,7 @@ def _memory_case(case, device, args):
         models = _Models(case.arch, device, args, text_layers=depth)
         _mark_image_encoder(models.official.visual)
         _mark_image_encoder(models.ours.visual)
-        runs.append(_train_case(case, models, device, args))
+        runs.append(_train_case(case, models, device, args, measure=_cpu_peak_bytes))
     with torch.device("meta"):                                 # the real model's weight bytes, allocating nothing
         clip = CLIP(full)
         weights = {"official": _nbytes(build_official_clip(clip.state_dict(), full, args.official_dtype, "meta")),
@@ -649,9 +649,8 @@ def _cost_case(case, device, args):
     for text, vision in depths:
         models = _Models(case.arch, device, args, text_layers=text, vision_layers=vision)
         fusable = [m for m in models.ours.modules() if isinstance(m, (LayerNorm, QuickGELU))]
-        args.measure = lambda step: _op_cost(step, fusable)          # the official path runs none of them
-        runs.append((_zeroshot_case if case.kind == "zeroshot" else _train_case)(case, models, device, args))
-    args.measure = None
+        measure = lambda step, fusable=fusable: _op_cost(step, fusable)  # noqa: E731  (the official path runs none)
+        runs.append((_zeroshot_case if case.kind == "zeroshot" else _train_case)(case, models, device, args, measure))
     methods = {}
     for name in runs[0]:
         if any("error" in r[name] for r in runs):
@@ -668,7 +667,7 @@ def _cost_case(case, device, args):
     return methods
 
 
-def _zeroshot_case(case, models, device, args):
+def _zeroshot_case(case, models, device, args, measure=None):
     """Evaluation: frozen image encoder at batch B and a classifier of precomputed text features."""
     g = torch.Generator().manual_seed(2)
     r = models.config.image_resolution
@@ -702,9 +701,9 @@ def _zeroshot_case(case, models, device, args):
             return cosine_logits(encode(images), t, scale)
         return step
 
-    methods = {"official": _run(official, device, args.warmup, case.repeats, models.official_bytes, to_loss, args.measure),
-               "ours": _run(ours, device, args.warmup, case.repeats, models.ours_bytes, to_loss, args.measure)}
-    if not args.no_compile and args.measure is None:   # does fusing LayerNorm's casts and QuickGELU's 3 kernels pay? (compile untimed)
+    methods = {"official": _run(official, device, args.warmup, case.repeats, models.official_bytes, to_loss, measure),
+               "ours": _run(ours, device, args.warmup, case.repeats, models.ours_bytes, to_loss, measure)}
+    if not args.no_compile and measure is None:   # does fusing LayerNorm's casts and QuickGELU's 3 kernels pay? (compile untimed)
         methods["compile"] = _run(lambda: ours(torch.compile(models.ours.visual, dynamic=False)), device,
                                   args.warmup, case.repeats, models.ours_bytes, to_loss)
     return methods
@@ -1040,7 +1039,6 @@ def _parse(argv):
         args.selected = [c for c in args.selected if c.kind in ("coop", "cocoop")]
     if args.cost:
         args.selected = [c for c in args.selected if c.kind != "head"]
-    args.measure = _cpu_peak_bytes if args.memory else None
     if not args.selected:
         p.exit(2, f"bench.py: error: --cases {args.cases!r} matches no case; see --list\n")
     if args.repeats is not None:
