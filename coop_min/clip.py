@@ -6,9 +6,9 @@ tensors, attention through `F.scaled_dot_product_attention` on packed qkv, a cau
 77x77 mask buffer. `build_clip` infers every size from the state dict, as OpenAI's `build_model`.
 
 The text encoder also runs on token *embeddings* (`encode_text_embeddings`): prompt learning replaces
-some embeddings with learned context and reads the feature at the EOT position. Because the text
-transformer is causal and only the EOT row is read, everything after the last EOT is dead weight, so
-by default the sequence is cut at max(EOT)+1 (exact: no kept position attends to a cut one).
+some embeddings with learned context and reads the feature at the EOT position. This file imports
+nothing of ours and knows no prompt learning; the speed paths (EOT truncation, shared prefixes, fused
+kernels) live in `coop_min/fast.py`.
 """
 import json
 import math
@@ -104,11 +104,6 @@ class _QuickGELUFn(torch.autograd.Function):
         return through_product.add_(through_sigmoid)
 
 
-def _norm(ln, x, ops):
-    """LayerNorm ln of x, through ops.layer_norm when ops are given (see CLIP.encode_image)."""
-    return ln(x) if ops is None else ops.layer_norm(x, ln.weight, ln.bias, ln.eps)
-
-
 class Attention(nn.Module):
     """Multi-head self-attention with nn.MultiheadAttention's parameter names, batch-first, via SDPA."""
 
@@ -122,29 +117,12 @@ class Attention(nn.Module):
         self.out_proj = nn.Linear(width, width)
         nn.init.xavier_uniform_(self.in_proj_weight)
 
-    def forward(self, x, causal=False, prefix_kv=None, group=None):
-        """x (B, L, W) -> (output (B, L, W), (k, v) each (B, h, L, hs)).
-
-        prefix_kv: keys/values (G, h, P, hs) of a causal prefix that every row continues; row b uses
-        prefix group[b] (or prefix 0 for all when group is None). The rows then attend causally to
-        [prefix, own tokens], exactly as if the prefix had been prepended to each of them.
-        """
+    def forward(self, x, causal=False):  # (B, L, W) -> (B, L, W)
         B, L, W = x.shape
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)            # (B, L, 3W)
         q, k, v = qkv.view(B, L, 3, self.heads, W // self.heads).permute(2, 0, 3, 1, 4)  # (B, h, L, hs)
-        if prefix_kv is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
-        else:
-            pk, pv = prefix_kv
-            if group is None:                        # backward sums over the rows with fp32 accumulation
-                pk, pv = pk.expand(B, -1, -1, -1), pv.expand(B, -1, -1, -1)
-            else:                                    # gathered in fp32: backward index-adds every row into its
-                pk, pv = pk.float()[group].to(pk.dtype), pv.float()[group].to(pv.dtype)  # prefix, and in
-                # bf16 a sum over hundreds of rows loses most of itself (CoCoOp's context gradient was 26% off)
-            P = pk.shape[2]
-            mask = torch.ones(L, P + L, dtype=torch.bool, device=x.device).tril(diagonal=P)  # j sees <= P + j
-            y = F.scaled_dot_product_attention(q, torch.cat([pk, k], 2), torch.cat([pv, v], 2), attn_mask=mask)
-        return self.out_proj(y.transpose(1, 2).reshape(B, L, W)), (k, v)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        return self.out_proj(y.transpose(1, 2).reshape(B, L, W))
 
 
 class ResidualAttentionBlock(nn.Module):
@@ -159,13 +137,9 @@ class ResidualAttentionBlock(nn.Module):
         ]))
         self.ln_2 = LayerNorm(width)
 
-    def forward(self, x, causal=False, prefix_kv=None, group=None, ops=None):
-        a, kv = self.attn(_norm(self.ln_1, x, ops), causal, prefix_kv, group)
-        x = x + a
-        h = _norm(self.ln_2, x, ops)
-        if ops is None or not isinstance(self.mlp.gelu, QuickGELU):
-            return x + self.mlp(h), kv
-        return x + self.mlp.c_proj(ops.quick_gelu(self.mlp.c_fc(h))), kv
+    def forward(self, x, causal=False):
+        x = x + self.attn(self.ln_1(x), causal)
+        return x + self.mlp(self.ln_2(x))
 
 
 class Transformer(nn.Module):
@@ -174,13 +148,10 @@ class Transformer(nn.Module):
         self.width, self.layers = width, layers
         self.resblocks = nn.ModuleList([ResidualAttentionBlock(width, heads, quick_gelu) for _ in range(layers)])
 
-    def forward(self, x, causal=False, prefix_kvs=None, group=None, return_kvs=False, ops=None):
-        """(B, L, W) -> (B, L, W); with return_kvs also each layer's (k, v) for use as a prefix."""
-        kvs = []
-        for i, block in enumerate(self.resblocks):
-            x, kv = block(x, causal, None if prefix_kvs is None else prefix_kvs[i], group, ops)
-            kvs.append(kv)
-        return (x, kvs) if return_kvs else x
+    def forward(self, x, causal=False):  # (B, L, W) -> (B, L, W)
+        for block in self.resblocks:
+            x = block(x, causal)
+        return x
 
 
 # ----------------------------------------------------------------------------------------------
@@ -200,12 +171,12 @@ class VisionTransformer(nn.Module):
         self.ln_post = LayerNorm(width)
         self.proj = nn.Parameter(scale * torch.randn(width, output_dim))
 
-    def forward(self, x, ops=None):  # (B, 3, H, W) -> (B, D)
+    def forward(self, x):  # (B, 3, H, W) -> (B, D)
         x = self.conv1(x).flatten(2).transpose(1, 2)                        # (B, grid*grid, width)
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
         x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)
-        x = self.transformer(_norm(self.ln_pre, x, ops), ops=ops)
-        return _norm(self.ln_post, x[:, 0, :], ops) @ self.proj
+        x = self.transformer(self.ln_pre(x))
+        return self.ln_post(x[:, 0, :]) @ self.proj
 
 
 class Bottleneck(nn.Module):
@@ -341,66 +312,24 @@ class CLIP(nn.Module):
     def dtype(self):
         return self.visual.conv1.weight.dtype
 
-    def encode_image(self, images, ops=None):  # (B, 3, H, W) -> (B, D), unnormalised
-        """ops: None, or an object with layer_norm(x, weight, bias, eps) and quick_gelu(x) that compute
-        what LayerNorm and QuickGELU compute (coop_min.kernels.elementwise's fused kernels: this file
-        imports nothing of ours, so callers pass them); used by a ViT's and the text transformer's
-        blocks, here and in the encode_text* methods."""
+    def encode_image(self, images):  # (B, 3, H, W) -> (B, D), unnormalised
         r = self.visual.input_resolution
         if images.dim() != 4 or images.shape[1:] != (3, r, r):
             raise ValueError(f"expected images of shape (B, 3, {r}, {r}), got {tuple(images.shape)}")
-        if ops is None or not isinstance(self.visual, VisionTransformer):
-            return self.visual(images.to(self.dtype))
-        return self.visual(images.to(self.dtype), ops=ops)
+        return self.visual(images.to(self.dtype))
 
-    def encode_text(self, tokens, truncate=True, ops=None):  # (N, L) long -> (N, D), unnormalised
+    def encode_text(self, tokens):  # (N, L) long -> (N, D), unnormalised
         eot = tokens.argmax(dim=-1)                 # EOT (49407) is the largest id in the vocabulary
-        return self.encode_text_embeddings(self.token_embedding(tokens), eot, truncate=truncate, ops=ops)
+        return self.encode_text_embeddings(self.token_embedding(tokens), eot)
 
-    def encode_text_embeddings(self, x, eot, truncate=True, length=None, ops=None):
-        """Text features from token embeddings x (N, L, W) and EOT positions eot (N,) -> (N, D).
-
-        With truncate=True the sequence is cut after the last EOT (exact, see the module docstring);
-        truncate=False runs all L positions as OpenAI does (the reference path). length: where to cut
-        (any value > max(eot)), when the caller knows it on the host; else max(eot) + 1 is read from
-        the device (a sync, which a CUDA graph cannot capture). ops: as in encode_image.
-        """
-        if truncate:
-            x = x[:, : int(eot.max()) + 1 if length is None else length]
+    def encode_text_embeddings(self, x, eot):
+        """Text features from token embeddings x (N, L, W) and EOT positions eot (N,) -> (N, D): the
+        text transformer over all L positions, read at EOT (OpenAI's encode_text after its embedding)."""
         L = x.shape[1]
         x = x.to(self.dtype) + self.positional_embedding[:L].to(self.dtype)
-        x = self.transformer(x, causal=True, ops=ops)
+        x = self.transformer(x, causal=True)
         x = x[torch.arange(x.shape[0], device=x.device), eot]               # (N, W): only EOT rows
-        return _norm(self.ln_final, x, ops) @ self.text_projection.to(x.dtype)
-
-    def text_prefix_kvs(self, prefix, ops=None):
-        """Each text layer's keys and values (G, h, P, hs) for the prefixes (G, P, W) of token embeddings:
-        what the suffixes of encode_text_prefixed attend to."""
-        P = prefix.shape[1]
-        x = prefix.to(self.dtype) + self.positional_embedding[:P].to(self.dtype)
-        return self.transformer(x, causal=True, return_kvs=True, ops=ops)[1]
-
-    def encode_text_prefixed(self, prefix, suffix, eot, group=None, length=None, ops=None, kvs=None):
-        """Text features of sequences that share prefixes: [prefix[group[n]], suffix[n]] -> (N, D).
-
-        prefix (G, P, W) and suffix (N, S, W) are token embeddings; eot (N,) are EOT positions in the
-        full sequence (>= P); group (N,) picks each row's prefix (None: G == 1). Each prefix goes
-        through the transformer once and every suffix attends to its cached keys/values, so the
-        prefix costs G passes instead of N. Exact: the causal prefix never sees the suffix.
-        length, ops: as in encode_text_embeddings (given, the EOT positions are the caller's to check).
-        kvs: text_prefix_kvs(prefix), when several calls share the prefixes (else computed here).
-        """
-        P = prefix.shape[1]
-        if length is None:
-            if int(eot.min()) < P:
-                raise ValueError(f"an EOT position ({int(eot.min())}) lies inside the shared prefix of length {P}")
-            length = int(eot.max()) + 1
-        S = length - P                                                       # EOT truncation
-        kvs = self.text_prefix_kvs(prefix, ops) if kvs is None else kvs
-        pos = self.positional_embedding[P:P + S].to(self.dtype)
-        x = self.transformer(suffix[:, :S].to(self.dtype) + pos, prefix_kvs=kvs, group=group, ops=ops)
-        x = x[torch.arange(x.shape[0], device=x.device), eot - P]            # (N, W)
-        return _norm(self.ln_final, x, ops) @ self.text_projection.to(x.dtype)
+        return self.ln_final(x) @ self.text_projection.to(x.dtype)
 
     def forward(self, images, tokens):
         f = F.normalize(self.encode_image(images), dim=-1)

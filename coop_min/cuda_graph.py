@@ -1,15 +1,15 @@
 """One SGD training step, run eagerly or captured once as a CUDA graph and replayed.
 
-Why: at CoOp's sizes a step is bound by kernel launches and Python, not by arithmetic (H100,
-ViT-B/16, 100 classes: the GPU is busy about 4 ms of a 25 ms eager step). A CUDA graph records the
-step's few hundred kernels once -- forward, backward and the optimizer update -- and replays them
-with one launch, so the step costs about what the GPU computes.
+Why: at CoOp's sizes a step is bound by kernel launches and Python, not by arithmetic (the GPU idles
+for most of an eager step; docs/performance.md). A CUDA graph records the step's few hundred
+kernels once -- forward, backward and the optimizer update -- and replays them with one launch, so
+the step costs about what the GPU computes.
 
 What capture needs, and how the fast path gives it:
 - static shapes: a fixed batch (training batches drop the last partial one) and class list; inputs
   are copied into static buffers, and a batch of another shape runs eagerly instead;
 - no host reads of device values inside the step: EOT lengths are known on the host
-  (prompts.py `eot_max`), the head skips its label check while capturing (checked on the host
+  (the learner's `eot_list`, used by fast.py), the head skips its label check while capturing (checked on the host
   instead), the loss share of a data-parallel part is an input tensor;
 - fixed learning rates: the captured SGD update holds them as constants, so when a param group's lr
   changes (Dassl's schedule: once per epoch) the step is captured again;

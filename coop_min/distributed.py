@@ -111,12 +111,12 @@ def part_sizes(n, world: World):
     return [n * (r + 1) // world.size - n * r // world.size for r in range(world.size)]
 
 
-def class_shard(n_cls, world: World, device):
-    """PromptedCLIP.class_shard for data-parallel CoOp: (this rank's classes (n,), a gather that gives
-    every rank all (C, D) features with gradients flowing back to the owners)."""
+def class_shard(n_cls, world: World):
+    """FastConfig.class_shard for data-parallel CoOp: (this rank's classes, a range; a gather that
+    gives every rank all (C, D) features with gradients flowing back to the owners)."""
     lo, hi = split(n_cls, world)
     sizes = part_sizes(n_cls, world)
-    return torch.arange(lo, hi, device=device), lambda t: gather_cat(t, sizes)
+    return range(lo, hi), lambda t: gather_cat(t, sizes)
 
 
 def _gather(x, sizes=None):

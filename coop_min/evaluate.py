@@ -5,10 +5,11 @@ hand-crafted or learned, is scored on the same features. Metrics as Dassl's Clas
 evaluator: top-1 accuracy (the number the papers report), macro-F1 over the classes present in the
 labels, and per-class accuracy, all in percent. Under torchrun each process scores its part of the
 test set and the predictions are gathered, so the metrics are exactly those of one process.
+
+CLIP and the prompts compute with the fast path (coop_min/fast.py: fused kernels on CUDA, text cut
+after the last EOT) unless --reference-path asks for the plain computation; the numbers are the same.
 """
 import argparse
-import json
-import math
 import os
 import sys
 
@@ -17,7 +18,9 @@ import torch.nn.functional as F
 
 from coop_min import data as D
 from coop_min import distributed as dist
-from coop_min.prompts import PromptedCLIP, elementwise_ops, load_prompt, nearest_words
+from coop_min import fast, runs
+from coop_min.files import write_json
+from coop_min.prompts import PromptedCLIP, load_prompt, nearest_words
 from coop_min.templates import templates_for
 
 
@@ -57,7 +60,7 @@ def extract_features(clip, loader, device):
     for images, y in loader:
         if len(y):                           # a data-parallel part of a batch may be empty
             images = images.to(device, non_blocking=True)
-            feats.append(clip.encode_image(images, ops=elementwise_ops(images)).float())
+            feats.append(clip.encode_image(images).float())
             labels.append(y)
     return torch.cat(feats), torch.cat(labels).to(device)
 
@@ -73,15 +76,17 @@ def split_features(clip, items, batch_size, device, workers=0, skip_bad=False, w
 
 
 @torch.no_grad()
-def zero_shot_weights(clip, classnames, templates, device):
-    """(C, D) normalised text classifier; several templates are averaged then re-normalised (CLIP's ensemble)."""
+def zero_shot_weights(clip, classnames, templates, device, fast_path=True):
+    """(C, D) normalised text classifier; several templates are averaged then re-normalised (CLIP's
+    ensemble). fast_path: the text is cut after its last EOT (exact)."""
     from coop_min.tokenizer import tokenize
 
+    encode = fast.encode_text if fast_path else type(clip).encode_text
     total = 0
     for template in templates:
         texts = [template.format(name.replace("_", " ")) for name in classnames]
         tokens = tokenize(texts, clip.context_length).to(device)
-        total = total + F.normalize(clip.encode_text(tokens, ops=elementwise_ops(tokens)).float(), dim=-1)
+        total = total + F.normalize(encode(clip, tokens).float(), dim=-1)
     return F.normalize(total / len(templates), dim=-1)
 
 
@@ -111,14 +116,6 @@ def format_table(rows, title):
     for name, m in rows:
         lines.append(f"{name:<24}{m['accuracy']:>9.2f}%{m['macro_f1']:>9.2f}%{m['total']:>8}")
     return "\n".join(lines)
-
-
-def write_results(path, results):
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(results, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -152,7 +149,7 @@ def _predict_image(path, clip, classnames, model, weights, device):
 
     x = image_transform(clip.visual.input_resolution)(load_image(path, rgb=True)).unsqueeze(0).to(device)
     with torch.no_grad():
-        f = clip.encode_image(x, ops=elementwise_ops(x)).float()
+        f = clip.encode_image(x).float()
         if model is not None:
             logits = model.logits_from_features(f)
         else:
@@ -169,7 +166,7 @@ def main(argv=None):
     p.error = lambda message: p.exit(2, f"{p.prog}: error: {message}; see --help\n")  # one line, no usage block
     p.add_argument("--data", help="dataset folder (as for training); default: the demo benchmark")
     p.add_argument("--dataset", default="auto", help="dataset name or auto (default auto)")
-    p.add_argument("--weights", help="CLIP safetensors (default: weights/tiny_clip.safetensors)")
+    p.add_argument("--weights", help="CLIP safetensors (default: the bundled tiny demo CLIP)")
     what = p.add_mutually_exclusive_group()
     what.add_argument("--prompt", help="a training run folder or a prompt.safetensors")
     what.add_argument("--zero-shot", action="store_true", help="hand-crafted prompts (the default without --prompt)")
@@ -186,6 +183,8 @@ def main(argv=None):
                    help="frozen CLIP compute dtype (default bf16 on CUDA, fp32 on CPU, as in training)")
     p.add_argument("--workers", type=int, default=0, help="data loader worker processes (default 0)")
     p.add_argument("--skip-bad-images", action="store_true")
+    p.add_argument("--reference-path", action="store_true",
+                   help="compute with the method as written in prompts.py instead of the fast path (same numbers)")
     args = p.parse_args(argv)
     for name, least in (("batch_size", 1), ("workers", 0), ("interpret", 1)):
         if getattr(args, name) is not None and getattr(args, name) < least:
@@ -208,15 +207,15 @@ def main(argv=None):
 
 
 def run(args):
-    from coop_min.clip import load_clip
-    from coop_min.train import DEMO_WEIGHTS, DTYPES, sha256_file
-
-    world, device = dist.setup(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    world, device = dist.setup(args.device or runs.default_device())
     say = print if world.main else (lambda *a: None)
-    weights_path = args.weights or DEMO_WEIGHTS
-    precision = args.precision or ("bf16" if device.startswith("cuda") else "fp32")   # train.py's rule
-    clip = load_clip(weights_path, device=device, dtype=DTYPES[precision])
-    clip_sha = sha256_file(weights_path)
+    clip, clip_sha = runs.load_weights(args.weights, device, args.precision or runs.default_precision(device))
+    if not args.reference_path:
+        clip = fast.fused_elementwise(clip)
+
+    def prompted(path, classnames=None):
+        model = load_prompt(path, clip, classnames, clip_sha)
+        return model if args.reference_path else fast.FastPromptedCLIP(clip, model.learner)
     prompt = _prompt_file(args.prompt) if args.prompt else None
     if prompt and args.interpret:
         _interpret(load_prompt(prompt, clip, clip_sha256=clip_sha), args.interpret, say)
@@ -224,11 +223,12 @@ def run(args):
         raise ValueError("--interpret needs --prompt (a run folder or prompt.safetensors)")
     if args.image:
         if prompt:
-            model = load_prompt(prompt, clip, clip_sha256=clip_sha)
+            model = prompted(prompt)
             names, weights = model.learner.classnames, None
         else:
             names = _load(args).classnames
-            model, weights = None, zero_shot_weights(clip, names, templates_for(_load(args).name, args.templates == "ensemble"), device)
+            model, weights = None, zero_shot_weights(clip, names, templates_for(_load(args).name, args.templates == "ensemble"),
+                                                     device, not args.reference_path)
         for name, prob in _predict_image(args.image, clip, names, model, weights, device):
             say(f"{prob * 100:6.2f}%  {name}")
         return None
@@ -242,10 +242,11 @@ def run(args):
         feats, labels = split_features(clip, part.test, args.batch_size, device, args.workers, args.skip_bad_images,
                                        world)
         if prompt:
-            pred = predict_prompted(load_prompt(prompt, clip, part.classnames, clip_sha), feats)
+            pred = predict_prompted(prompted(prompt, part.classnames), feats)
             name = f"prompt ({half})"
         else:
-            w = zero_shot_weights(clip, part.classnames, templates_for(splits.name, args.templates == "ensemble"), device)
+            w = zero_shot_weights(clip, part.classnames, templates_for(splits.name, args.templates == "ensemble"), device,
+                                  not args.reference_path)
             pred, name = predict_zero_shot(feats, w), f"zero-shot {args.templates} ({half})"
         pred, labels = dist.all_gather_cat(pred), dist.all_gather_cat(labels)
         m = compute_metrics(pred.cpu(), labels.cpu(), part.classnames)
@@ -259,15 +260,12 @@ def run(args):
         say(f"harmonic mean {results['harmonic_mean']:.2f}")
     if args.output and world.main:
         os.makedirs(args.output, exist_ok=True)
-        write_results(os.path.join(args.output, "results.json"), results)
+        write_json(os.path.join(args.output, "results.json"), results)
     return results
 
 
 def _load(args):
-    if args.data is None:
-        from coop_min.train import TrainConfig, _data_root
-        return D.load_dataset(_data_root(TrainConfig()), args.dataset)
-    return D.load_dataset(args.data, args.dataset)
+    return D.load_dataset(runs.data_root(args.data), args.dataset)
 
 
 if __name__ == "__main__":

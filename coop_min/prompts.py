@@ -8,24 +8,9 @@ per class (CSC, (C, M, W)) and may move the class name to the middle or the fron
 context (M, W) plus a Meta-Net that maps the normalised image feature to a bias added to every
 context vector, so every (image, class) pair has its own prompt.
 
-`PromptedCLIP` puts a learner on a frozen CLIP and has two compute paths that give the same numbers:
-- reference: the official compute, all 77 positions through the text encoder, CoCoOp one image at a
-  time in a Python loop, and the head as normalise / matmul / F.cross_entropy;
-- fast (default): sequences cut after the last EOT (the encoder is causal and only EOT is read),
-  every (image, class) prompt of a CoCoOp step in one batch (in chunks), the fused cosine_ce head,
-  and where Triton runs (CUDA) the frozen CLIP's LayerNorms and QuickGELUs as fused kernels
-  (kernels/elementwise.py; `fused_elementwise=False` keeps PyTorch's ops).
-- shared prefix (opt-in, `shared_prefix=True`): with one context and the class name at the end,
-  [SOS, ctx] is the same for every class (CoCoOp: for every class of one image), so it goes through
-  the text encoder once and the class suffixes attend to its cached keys/values
-  (`CLIP.encode_text_prefixed`). It saves activation memory (H100, ViT-B/16, 1000 classes: 2.5 vs
-  5.3 GiB) but doubles the kernel launches, and eager steps at these sizes are launch-bound, so it
-  is slower (54 vs 42 ms); hence off by default. Replayed from a CUDA graph, launches cost little
-  and at 1000 classes it does less than half the GPU work (bench.py --cost): try it with --cuda-graph.
-- length buckets (opt-in, `length_buckets=True`; train.py turns them on with --cuda-graph): prompts
-  are sorted by length and cut into chunks of at least _MIN_BUCKET, each padded only to its own
-  longest prompt instead of the longest of all (exact: padding after EOT is never read). Fewer
-  tokens, but each chunk is another pass of launches, which only a CUDA graph makes cheap.
+`PromptedCLIP` is the papers' computation written as the official `CustomCLIP.forward`: all 77
+positions through the text encoder, CoCoOp one image at a time, and the head as normalise / matmul /
+cross-entropy. `coop_min/fast.py` computes the same numbers faster; this file is what it must equal.
 
 Where we differ from the official code, on purpose:
 - A ctx_init phrase sets M to its number of BPE tokens (the official code counts words and assumes
@@ -47,12 +32,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from coop_min.kernels import elementwise
-from coop_min.kernels.cosine_ce import cosine_ce, cosine_logits, cosine_logits_reference, use_triton
+from coop_min.files import atomic_write
 from coop_min.tokenizer import encode, tokenize
 
 METHODS = ("coop", "cocoop")
-_MIN_BUCKET = 256   # prompts per length bucket at least: fewer, and launches cost more than padding saves
 POSITIONS = ("end", "middle", "front")
 _PAPER = {"coop": (16, ""), "cocoop": (4, "a photo of a")}  # (n_ctx, ctx_init) of the paper configs
 
@@ -140,8 +123,7 @@ class _PromptLearner(nn.Module):
         if config.ctx_init and not (tokens[:, 1:1 + M] == torch.tensor(encode(prompt_prefix))).all():
             raise ValueError(f"ctx_init={config.ctx_init!r} tokenizes differently when followed by a class "
                              "name; end it with a word, not punctuation")
-        self.eot_list = tokens.argmax(dim=-1).tolist()                      # on the host: no sync per step
-        self.eot_max = max(self.eot_list)
+        self.eot_list = tokens.argmax(dim=-1).tolist()                      # on the host, for fast.py
         tokens = tokens.to(device)                                          # (C, L)
         with torch.no_grad():
             embedding = clip.token_embedding(tokens)                        # (C, L, W), CLIP dtype
@@ -214,41 +196,19 @@ class CoCoOpPromptLearner(_PromptLearner):
                           ctx.unsqueeze(1).expand(-1, C, -1, -1),
                           self.token_suffix.expand(B, -1, -1, -1)], dim=2)
 
-    def pair_prompts(self, ctx, image_idx, class_idx):
-        """Prompts of (image, class) pairs, cut after the last EOT of any class: shifted ctx (B, M, W),
-        indices (N,) -> (N, eot_max + 1, W)."""
-        length = self.eot_max + 1
-        return torch.cat([self.token_prefix[class_idx], ctx[image_idx].to(self.token_prefix.dtype),
-                          self.token_suffix[class_idx, :length - 1 - self.n_ctx]], dim=1)
-
 
 # ----------------------------------------------------------------------------------------------
 # the prompted classifier
 
 
-def elementwise_ops(x):
-    """The `ops` for CLIP's encode_* methods on inputs like x: the fused LayerNorm/QuickGELU kernels
-    where Triton runs (CUDA), else None (PyTorch's ops; on CPU the kernels would run their twins)."""
-    return elementwise if use_triton(x) else None
-
-
 class PromptedCLIP(nn.Module):
-    """A frozen CLIP and a prompt learner: image features, text features, logits and the loss."""
+    """A frozen CLIP and a prompt learner: image features, text features, logits and the loss,
+    computed as the official trainers do."""
 
-    def __init__(self, clip, learner, reference: bool = False, max_prompts_per_chunk: int = 4096,
-                 shared_prefix: bool = False, fused_elementwise: bool = True, length_buckets: bool = False):
+    def __init__(self, clip, learner):
         super().__init__()
         self.clip = clip.requires_grad_(False).eval()
         self.learner = learner
-        self.reference = reference               # True: the official compute path (slow)
-        self.max_prompts_per_chunk = max_prompts_per_chunk
-        self.shared_prefix = shared_prefix       # [SOS, ctx] encoded once (UC-end CoOp, CoCoOp); see docstring
-        self.fused_elementwise = fused_elementwise  # fast path on CUDA: kernels/elementwise.py in the CLIP
-        self.length_buckets = length_buckets     # chunks padded to their own longest prompt; see docstring
-        self._plans = {}                         # (EOT positions, device) -> a bucket plan, see _bucket_plan
-        # Data-parallel CoOp (coop_min.distributed): (classes, gather) makes text_features encode only
-        # `classes` (n,) and return gather(their features) -> all (C, D); None: encode every class.
-        self.class_shard = None
 
     @property
     def is_conditional(self):                    # CoCoOp: text features depend on the image
@@ -264,66 +224,9 @@ class PromptedCLIP(nn.Module):
     def trainable_parameters(self):
         return [p for p in self.learner.parameters() if p.requires_grad]
 
-    def _ops(self, x):
-        return elementwise_ops(x) if self.fused_elementwise and not self.reference else None
-
     @torch.no_grad()
     def encode_images(self, images):  # (B, 3, H, W) -> (B, D) unnormalised, CLIP dtype
-        return self.clip.encode_image(images, ops=self._ops(images))
-
-    def _encode_prompts(self, prompts, eot, length=None):  # (N, L, W), (N,) -> (N, D)
-        return self.clip.encode_text_embeddings(prompts, eot, truncate=not self.reference,
-                                                length=length or self.learner.eot_max + 1, ops=self._ops(prompts))
-
-    def _bucket_plan(self, eots, device):
-        """Chunks of the prompts whose EOT positions are `eots` (host ints) sorted by length: [(their
-        positions (n,) long, length)], cut where the length changes once a chunk holds _MIN_BUCKET and
-        at max_prompts_per_chunk; and the permutation that puts the chunks' features back in order.
-        None when it would be one chunk. Built once per prompt set and device (outside any capture)."""
-        key = (tuple(eots), str(device))
-        if key not in self._plans:
-            order = sorted(range(len(eots)), key=eots.__getitem__)
-            cuts, start = [], 0
-            for j in range(1, len(order) + 1):
-                at_end, size = j == len(order), j - start
-                longer = not at_end and eots[order[j]] > eots[order[j - 1]]
-                if at_end or size == self.max_prompts_per_chunk or (
-                        longer and size >= _MIN_BUCKET and len(order) - j >= _MIN_BUCKET):
-                    cuts.append((start, j))
-                    start = j
-            plan = None
-            if len(cuts) > 1:
-                chunks = [(torch.tensor(order[a:b], device=device), eots[order[b - 1]] + 1) for a, b in cuts]
-                plan = chunks, torch.tensor(order, device=device).argsort()
-            self._plans[key] = plan
-        return self._plans[key]
-
-    def _run_chunks(self, encode, index, eots=None):
-        """encode(index part, length) over index in chunks, features in index order: max_prompts_per_chunk
-        at a time, all padded to the longest prompt; or with length buckets (eots: the prompts' EOT
-        positions on the host) sorted and padded per chunk."""
-        plan = self._bucket_plan(eots, index.device) if self.length_buckets and eots is not None else None
-        if plan is None:
-            return torch.cat([encode(i, self.learner.eot_max + 1) for i in index.split(self.max_prompts_per_chunk)])
-        chunks, inverse = plan
-        return torch.cat([encode(index[p], length) for p, length in chunks])[inverse]
-
-    def _encode_chunked(self, build, index, eots=None):
-        """Text features of the prompts build(index part) gives, chunk by chunk (_run_chunks)."""
-        return self._run_chunks(lambda i, length: self._encode_prompts(*build(i), length), index, eots)
-
-    def _prefix_shared(self):
-        lrn = self.learner
-        return (self.shared_prefix and not self.reference and lrn.ctx.dim() == 2
-                and getattr(lrn, "class_token_position", "end") == "end")
-
-    def _encode_prefixed(self, prefix, suffix_of, index, eots=None):
-        """Features of the prompts of `index` that continue `prefix` (G, P, W): suffix_of(index part)
-        gives their suffixes, EOT positions and prefix groups; the prefix is encoded once for all chunks."""
-        ops = self._ops(prefix)
-        kvs = self.clip.text_prefix_kvs(prefix, ops)
-        return self._run_chunks(lambda i, length: self.clip.encode_text_prefixed(
-            prefix, *suffix_of(i), length=length, ops=ops, kvs=kvs), index, eots)
+        return self.clip.encode_image(images)
 
     def text_features(self, image_features=None):
         """Unnormalised text features: CoOp (C, D); CoCoOp (B, C, D) for image features (B, D)."""
@@ -331,52 +234,27 @@ class PromptedCLIP(nn.Module):
         if not self.is_conditional:
             if image_features is not None:
                 raise ValueError("CoOp text features do not depend on images; call text_features()")
-            if self.reference:
-                return self._encode_prompts(lrn(), lrn.eot)                 # (C, L, W) -> (C, D)
-            classes, gather = self.class_shard or (torch.arange(lrn.n_cls, device=lrn.eot.device), None)
-            eots = lrn.eot_list if self.class_shard is None else None      # the shard's are not on the host
-            if self._prefix_shared():                                       # one prefix for all classes
-                prefix = torch.cat([lrn.token_prefix[:1], lrn.ctx[None].to(lrn.token_prefix.dtype)], 1)
-                t = self._encode_prefixed(prefix, lambda i: (lrn.token_suffix[i], lrn.eot[i], None), classes, eots)
-            else:
-                t = self._encode_chunked(lambda i: (lrn(i), lrn.eot[i]), classes, eots)
-            return t if gather is None else gather(t)
+            return self.clip.encode_text_embeddings(lrn(), lrn.eot)         # (C, 77, W) -> (C, D)
+        f = self.meta_net_input(image_features)
+        return torch.stack([self.clip.encode_text_embeddings(p, lrn.eot) for p in lrn(f)])   # one image at a time
+
+    @staticmethod
+    def meta_net_input(image_features):  # (B, D) -> normalised fp32 (B, D), what the Meta-Net reads
         if image_features is None or image_features.dim() != 2:
             raise ValueError("CoCoOp text features need image features (B, D), got "
                              f"{None if image_features is None else tuple(image_features.shape)}")
-        f = F.normalize(image_features.float(), dim=-1)                    # the Meta-Net's input
-        if self.reference:                                                  # official: one image at a time
-            return torch.stack([self._encode_prompts(p, lrn.eot) for p in lrn(f)])
-        ctx, C = lrn.shifted_ctx(f), lrn.n_cls                              # (B, M, W)
-        pairs = torch.arange(len(f) * C, device=lrn.eot.device)            # (image, class) = divmod(pair, C)
-        eots = lrn.eot_list * len(f) if self.length_buckets else None
-        if self._prefix_shared():                                           # one prefix per image
-            prefix = torch.cat([lrn.token_prefix[:1].expand(len(f), -1, -1), ctx.to(lrn.token_prefix.dtype)], 1)
-            feats = self._encode_prefixed(prefix, lambda i: (lrn.token_suffix[i % C], lrn.eot[i % C], i // C),
-                                          pairs, eots)
-        else:
-            feats = self._encode_chunked(lambda i: (lrn.pair_prompts(ctx, i // C, i % C), lrn.eot[i % C]), pairs, eots)
-        return feats.view(len(f), C, -1)                                    # (B, C, D)
+        return F.normalize(image_features.float(), dim=-1)
 
-    def _scale(self):
+    def scale(self):                             # exp of CLIP's log scale, fp32, never trained
         return self.clip.logit_scale.detach().float().exp()
-
-    def _reference_logits(self, f, t):  # the official head, in fp32
-        f, scale = F.normalize(f.float(), dim=-1), self._scale()
-        if t.dim() == 2:
-            return scale * f @ F.normalize(t.float(), dim=-1).t()
-        return torch.stack([scale * f_i @ F.normalize(t_i.float(), dim=-1).t() for f_i, t_i in zip(f, t)])
 
     def logits_from_features(self, image_features, text=None):  # (B, D) -> (B, C) fp32
         """text: the text features if already computed for these images (else computed here)."""
         t = self.text_features(image_features if self.is_conditional else None) if text is None else text
-        if self.reference:
-            return self._reference_logits(image_features, t)
-        dtype = torch.promote_types(image_features.dtype, t.dtype)
-        f, t = image_features.to(dtype), t.to(dtype)
-        if torch.is_grad_enabled() and t.requires_grad:                     # the kernel has no backward
-            return cosine_logits_reference(f, t, self._scale())
-        return cosine_logits(f, t, self._scale())
+        f, scale = F.normalize(image_features.float(), dim=-1), self.scale()
+        if t.dim() == 2:                                                    # CoOp: (C, D)
+            return scale * f @ F.normalize(t.float(), dim=-1).t()
+        return torch.stack([scale * f_i @ F.normalize(t_i.float(), dim=-1).t() for f_i, t_i in zip(f, t)])
 
     def logits(self, images):  # (B, 3, H, W) -> (B, C) fp32
         return self.logits_from_features(self.encode_images(images))
@@ -388,34 +266,24 @@ class PromptedCLIP(nn.Module):
         text: the text features if already computed (else computed here)."""
         x = images_or_features
         f = self.encode_images(x) if x.dim() == 4 else x
-        t = self.text_features(f if self.is_conditional else None) if text is None else text
-        if self.reference:
-            return F.cross_entropy(self._reference_logits(f, t), labels)
-        dtype = torch.promote_types(f.dtype, t.dtype)
-        return cosine_ce(f.to(dtype), t.to(dtype), self._scale(), labels)
+        return F.cross_entropy(self.logits_from_features(f, text), labels)
 
 
-def build_prompted_clip(clip, classnames, config: PromptConfig | None = None, seed: int = 0,
-                        reference: bool = False, max_prompts_per_chunk: int = 4096,
-                        shared_prefix: bool = False, fused_elementwise: bool = True,
-                        length_buckets: bool = False) -> PromptedCLIP:
+def build_prompted_clip(clip, classnames, config: PromptConfig | None = None, seed: int = 0) -> PromptedCLIP:
     """A new learner for `classnames` (CoOp or CoCoOp by config.method) on a frozen CLIP."""
     config = config or PromptConfig()
     learner_cls = CoCoOpPromptLearner if config.method == "cocoop" else CoOpPromptLearner
-    return PromptedCLIP(clip, learner_cls(clip, classnames, config, seed), reference, max_prompts_per_chunk,
-                        shared_prefix, fused_elementwise, length_buckets)
+    return PromptedCLIP(clip, learner_cls(clip, classnames, config, seed))
 
 
 # ----------------------------------------------------------------------------------------------
 # exchange files: prompt.safetensors, an exported CoOp classifier, nearest words
 
 
-def _atomic_save(tensors, path, metadata):
+def _save(tensors, path, metadata):
     from safetensors.torch import save_file
 
-    tmp = f"{path}.tmp{os.getpid()}"
-    save_file(tensors, tmp, metadata=metadata)
-    os.replace(tmp, path)                        # a kill never leaves a half-written file
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 def save_prompt(path, learner_or_model, clip_sha256: str):
@@ -426,7 +294,7 @@ def save_prompt(path, learner_or_model, clip_sha256: str):
     metadata = {"method": c.method, "n_ctx": str(c.n_ctx), "class_token_position": c.class_token_position,
                 "csc": "true" if c.csc else "false", "classnames": json.dumps(learner.classnames),
                 "clip_sha256": clip_sha256}
-    _atomic_save(tensors, path, metadata)
+    _save(tensors, path, metadata)
 
 
 def _read(path):
@@ -442,8 +310,7 @@ def _read(path):
                          "or the prompt.safetensors a training run wrote") from None
 
 
-def load_prompt(path, clip, classnames=None, clip_sha256: str | None = None,
-                reference: bool = False) -> PromptedCLIP:
+def load_prompt(path, clip, classnames=None, clip_sha256: str | None = None) -> PromptedCLIP:
     """Rebuild a PromptedCLIP from prompt.safetensors for `classnames` (default: the file's).
 
     A unified CoOp context or a CoCoOp learner works on any class list (base->new, cross-dataset);
@@ -468,7 +335,7 @@ def load_prompt(path, clip, classnames=None, clip_sha256: str | None = None,
                          f"{clip.config.text_width}; pass the CLIP the prompt was learned with")
     config = PromptConfig(method=meta["method"], n_ctx=int(meta["n_ctx"]), ctx_init="", csc=csc,
                           class_token_position=meta["class_token_position"])
-    model = build_prompted_clip(clip, names, config, reference=reference)
+    model = build_prompted_clip(clip, names, config)
     try:
         model.learner.load_state_dict(tensors)
     except RuntimeError as e:
@@ -487,7 +354,7 @@ def export_classifier(path, model: PromptedCLIP, clip_sha256: str = ""):
     tensors = {"text_features": t, "logit_scale": model.clip.logit_scale.detach().float().cpu().reshape(())}
     metadata = {"classnames": json.dumps(model.learner.classnames), "method": model.learner.config.method,
                 "clip_sha256": clip_sha256}
-    _atomic_save(tensors, path, metadata)
+    _save(tensors, path, metadata)
 
 
 @torch.no_grad()

@@ -3,10 +3,12 @@
 A training loop is a loop: resolve the config (unset flags take the paper default for the method,
 shot count and dataset), load the frozen CLIP and the few-shot data, then epochs of SGD over the
 context (and Meta-Net) with Dassl's schedule -- one constant warm-up epoch at 1e-5, then a cosine
-stepped once per epoch. The last epoch's prompts are evaluated on the test split.
+stepped once per epoch. The last epoch's prompts are evaluated on the test split. The
+model computes with the fast path (coop_min/fast.py) unless --reference-path asks for the method
+as written in coop_min/prompts.py; both give the same numbers.
 
-Everything a run writes goes to one folder (DESIGN.md "Run outputs"); files are replaced atomically,
-so a kill never leaves a half-written checkpoint. `--resume` restarts from `state.pt` and continues
+Everything a run writes goes to one folder (coop_min/runs.py); files are replaced atomically, so a
+kill never leaves a half-written checkpoint. `--resume` restarts from `state.pt` and continues
 bit for bit: the batch order and each image's augmentation are functions of (seed, epoch, index),
 and the RNG, optimizer, schedule position and metrics file are restored with it.
 
@@ -16,8 +18,6 @@ rank 0 alone writes the run folder; the result equals one process up to float ro
 """
 import argparse
 import dataclasses
-import hashlib
-import json
 import math
 import os
 import sys
@@ -29,14 +29,13 @@ import torch
 from coop_min import data as D
 from coop_min import distributed as dist
 from coop_min import evaluate as E
-from coop_min.clip import convert_dtype, load_clip
+from coop_min import runs
 from coop_min.cuda_graph import TrainStep
-from coop_min.prompts import PromptConfig, build_prompted_clip, export_classifier, load_prompt, save_prompt
+from coop_min.fast import FastConfig, FastPromptedCLIP
+from coop_min.files import write_json
+from coop_min.prompts import PromptConfig, PromptedCLIP, build_prompted_clip, export_classifier, load_prompt, save_prompt
 from coop_min.templates import templates_for
 from coop_min.transforms import train_transform
-
-DEMO_WEIGHTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "weights", "tiny_clip.safetensors")
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -73,6 +72,8 @@ class TrainConfig:
     save_every: int = 0                      # also checkpoint every N steps inside an epoch (0: epoch ends)
     print_every: int = 10
 
+
+RESUME_MAY_CHANGE = ("output", "workers", "print_every", "device", "shard_text", "cuda_graph")  # a folder may move
 
 # ----------------------------------------------------------------------------------------------
 # the paper's schedule
@@ -112,9 +113,9 @@ def resolve(cfg: TrainConfig, dataset_name: str) -> TrainConfig:
     if cfg.batch_size is None:
         cfg.batch_size = 1 if cocoop else 32
     if cfg.device is None:
-        cfg.device = "cuda" if torch.cuda.is_available() else "cpu"
+        cfg.device = runs.default_device()
     if cfg.precision is None:
-        cfg.precision = "bf16" if cfg.device.startswith("cuda") else "fp32"
+        cfg.precision = runs.default_precision(cfg.device)
     if cfg.workers is None:
         cfg.workers = min(8, os.cpu_count() or 1) if cfg.device.startswith("cuda") else 0
     if cfg.output is None:
@@ -124,126 +125,13 @@ def resolve(cfg: TrainConfig, dataset_name: str) -> TrainConfig:
 
 
 # ----------------------------------------------------------------------------------------------
-# run folder: atomic files, log, metrics
-
-
-def _atomic(path, write):
-    tmp = f"{path}.tmp{os.getpid()}"
-    write(tmp)
-    os.replace(tmp, path)
-
-
-def _write_json(path, obj):
-    def write(tmp):
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
-    _atomic(path, write)
-
-
-class RunLog:
-    """Progress to stdout and log.txt; one JSON line per step/epoch to metrics.jsonl."""
-
-    def __init__(self, folder, metrics_bytes=None):
-        self.log = open(os.path.join(folder, "log.txt"), "a")
-        path = os.path.join(folder, "metrics.jsonl")
-        if metrics_bytes is not None and os.path.exists(path):   # resume: drop lines after the checkpoint
-            with open(path, "r+") as f:
-                f.truncate(metrics_bytes)
-        self.metrics = open(path, "a")
-
-    def print(self, line):
-        print(line, flush=True)
-        self.log.write(line + "\n")
-        self.log.flush()
-
-    def record(self, **values):
-        self.metrics.write(json.dumps(values) + "\n")
-        self.metrics.flush()
-
-    def metrics_bytes(self):
-        return self.metrics.tell()
-
-
-class _QuietLog:
-    """What a rank other than 0 logs: nothing (rank 0 writes the run folder)."""
-
-    def print(self, line):
-        pass
-
-    def record(self, **values):
-        pass
-
-
-def sha256_file(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-# ----------------------------------------------------------------------------------------------
-# checkpoints: state.pt holds everything needed to continue; checkpoint.safetensors the learned weights
-
-
-def _save_state(folder, model, opt, epoch, batch, log):
-    if not all(torch.isfinite(p).all() for p in model.learner.parameters()):  # never overwrite a good checkpoint
-        raise FloatingPointError(f"the learned parameters became nan/inf (checkpoint due after {epoch} epochs and "
-                                 f"{batch} steps); stopped. {_kept(folder)} (lower --lr or use --precision fp32)")
-    state = {"params": {k: v.detach().cpu() for k, v in model.learner.state_dict().items()},
-             "optimizer": opt.state_dict(), "epoch": epoch, "batch": batch,
-             "metrics_bytes": log.metrics_bytes(), "torch_rng": torch.get_rng_state()}
-    _atomic(os.path.join(folder, "state.pt"), lambda tmp: torch.save(state, tmp))
-    from safetensors.torch import save_file
-    tensors = {k: v.detach().float().cpu().contiguous() for k, v in model.learner.named_parameters()}
-    _atomic(os.path.join(folder, "checkpoint.safetensors"),
-            lambda tmp: save_file(tensors, tmp, metadata={"epoch": str(epoch), "batch": str(batch)}))
-
-
-def _kept(folder):
-    if os.path.exists(os.path.join(folder, "state.pt")):
-        return f"The last good checkpoint is kept in {folder}"
-    return "No checkpoint had been written yet"
-
-
-def _read_state(folder):
-    path = os.path.join(folder, "state.pt")
-    if not os.path.exists(path):
-        raise SystemExit(f"error: --resume but {path} does not exist; start without --resume")
-    try:
-        return torch.load(path, weights_only=True)
-    except Exception as e:  # weights_only refuses anything but tensors and plain containers
-        raise SystemExit(f"error: cannot read {path} ({type(e).__name__}): it is not a state.pt this trainer "
-                         "wrote, so the run cannot be resumed; start a new run in another --output") from None
-
-
-def _load_state(folder, model, opt):
-    state = _read_state(folder)
-    model.learner.load_state_dict(state["params"])
-    opt.load_state_dict(state["optimizer"])
-    torch.set_rng_state(state["torch_rng"])
-    return state
-
-
-# ----------------------------------------------------------------------------------------------
-# the run
-
-
-def _clip_and_sha(cfg):
-    path = cfg.weights or DEMO_WEIGHTS
-    if not os.path.isfile(path):
-        raise SystemExit(f"error: CLIP weights not found: {path}; convert a checkpoint with weights/convert.py")
-    clip = load_clip(path, device=cfg.device)
-    if cfg.precision != "fp32":
-        convert_dtype(clip, DTYPES[cfg.precision])
-    return clip, sha256_file(path)
+# the training loop
 
 
 def _check_finite(loss, epoch, batch, folder):
     if not torch.isfinite(loss):
         raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch + 1} batch {batch + 1}; stopped. "
-                                 f"{_kept(folder)} (lower --lr or use --precision fp32)")
+                                 f"{runs.kept(folder)} (lower --lr or use --precision fp32)")
 
 
 def _step_forward(model, images, labels, share):
@@ -274,7 +162,7 @@ def train_epochs(cfg, model, dataset, log, folder, world=dist.World()):
     opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     start_epoch, start_batch = 0, 0
     if cfg.resume:
-        state = _load_state(folder, model, opt)
+        state = runs.load_state(folder, model.learner, opt)
         start_epoch, start_batch = state["epoch"], state["batch"]
         log.print(f"resumed from epoch {start_epoch + 1} batch {start_batch + 1}")
     step = TrainStep(lambda *inputs: _step_forward(model, *inputs), opt, cuda_graph=cfg.cuda_graph,
@@ -306,18 +194,11 @@ def train_epochs(cfg, model, dataset, log, folder, world=dist.World()):
                           f"acc {acc:.1f}% lr {lr:.3e} {rate:.1f} img/s eta {left / 60:.1f} min")
                 log.record(epoch=epoch + 1, batch=batch + 1, loss=round(global_loss, 6), acc=round(acc, 4), lr=lr)
             if world.main and cfg.save_every and (batch + 1) % cfg.save_every == 0 and batch + 1 < n_batches:
-                _save_state(folder, model, opt, epoch, batch + 1, log)
+                runs.save_state(folder, model.learner, opt, epoch, batch + 1, log.metrics_bytes())
         start_batch = 0
         if world.main:
-            _save_state(folder, model, opt, epoch + 1, 0, log)
+            runs.save_state(folder, model.learner, opt, epoch + 1, 0, log.metrics_bytes())
     return steps
-
-
-def _data_root(cfg):
-    if cfg.data is not None:
-        return cfg.data
-    from coop_min.demo import materialize_demo
-    return materialize_demo(os.path.join(os.path.expanduser("~"), ".cache", "coop_min"))
 
 
 def _few_shot_splits(cfg, splits, folder, world):
@@ -331,59 +212,43 @@ def _few_shot_splits(cfg, splits, folder, world):
 
 
 def _start_folder(cfg, folder, world):
-    """Check the run folder on every rank (so each fails with the same line), then rank 0 prepares it."""
-    config_path, state_path = os.path.join(folder, "config.json"), os.path.join(folder, "state.pt")
+    """Check the run folder on every rank (so each fails with the same line), then rank 0 writes config.json."""
     settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "resume"}
-    if cfg.resume:
-        if not os.path.exists(state_path):
-            raise SystemExit(f"error: --resume but {state_path} does not exist; start without --resume")
-        try:
-            with open(config_path) as f:
-                saved = {k: v for k, v in json.load(f).items() if k != "resume"}
-        except (OSError, ValueError, AttributeError) as e:
-            raise SystemExit(f"error: cannot read {config_path} ({e}); --resume needs the run's own config.json")
-        free = ("output", "workers", "print_every", "device", "shard_text", "cuda_graph")   # a run folder may move
-        changed = sorted(k for k in settings if saved.get(k) != settings[k] and k not in free)
-        if changed:
-            raise SystemExit(f"error: --resume with different settings ({', '.join(changed)}); use the run's "
-                             f"settings or another --output")
-    elif os.path.exists(state_path) or os.path.exists(os.path.join(folder, "results.json")):
-        raise SystemExit(f"error: {folder} already holds a run; pass --resume to continue it or --output for a new one")
-    elif os.path.isdir(folder) and os.listdir(folder):   # a failed run's split.json, or someone else's files
-        raise SystemExit(f"error: --output {folder} is not empty (it holds {', '.join(sorted(os.listdir(folder))[:3])}); "
-                         "a new run needs a new or empty folder: remove its files or pick another --output")
-    if os.path.exists(folder) and not os.path.isdir(folder):
-        raise SystemExit(f"error: --output {folder} is a file, not a folder; pick another --output")
+    runs.start_folder(folder, settings, cfg.resume, free=RESUME_MAY_CHANGE)
     dist.barrier(world)                      # every rank has checked before rank 0 changes anything
     if world.main:
-        os.makedirs(folder, exist_ok=True)
-        _write_json(config_path, {**settings, "resume": cfg.resume})
+        runs.write_config(folder, cfg)
     dist.barrier(world)
 
 
-def _evaluate_classes(cfg, clip, model, splits, world):
+def _evaluate_classes(cfg, model, splits, world):
     """Test-split metrics of the learned prompts and of zero-shot CLIP on the same image features;
     each rank scores its part of the test set and the predictions are gathered (exact)."""
-    feats, labels = E.split_features(clip, splits.test, cfg.eval_batch_size, cfg.device, cfg.workers,
+    feats, labels = E.split_features(model.clip, splits.test, cfg.eval_batch_size, cfg.device, cfg.workers,
                                      cfg.skip_bad_images, world)
-    weights = E.zero_shot_weights(clip, splits.classnames, templates_for(splits.name), cfg.device)
+    weights = E.zero_shot_weights(model.clip, splits.classnames, templates_for(splits.name), cfg.device,
+                                  fast_path=not cfg.reference_path)
     learned, zero_shot, labels = (dist.all_gather_cat(x) for x in (
         E.predict_prompted(model, feats), E.predict_zero_shot(feats, weights), labels))
     return (E.compute_metrics(learned.cpu(), labels.cpu(), splits.classnames),
             E.compute_metrics(zero_shot.cpu(), labels.cpu(), splits.classnames))
 
 
-def _shard_classes(model, cfg, world):
-    """Data-parallel CoOp: this rank encodes its part of the classes, the features are gathered."""
-    if world.size == 1 or model.is_conditional or cfg.reference_path or not cfg.shard_text:
-        return
-    model.class_shard = dist.class_shard(model.learner.n_cls, world, cfg.device)
+def _model(cfg, clip, learner, world=dist.World(), train=False):
+    """The method as written (--reference-path) or the fast path, on `learner`; training under
+    torchrun, CoOp's classes are sharded across the processes for the text encoder."""
+    if cfg.reference_path:
+        return PromptedCLIP(clip, learner)
+    shard = train and world.size > 1 and cfg.shard_text and learner.config.method == "coop"
+    return FastPromptedCLIP(clip, learner, FastConfig(
+        shared_prefix=cfg.shared_prefix, length_buckets=cfg.cuda_graph,       # buckets pay under a graph
+        class_shard=dist.class_shard(learner.n_cls, world) if shard else None))
 
 
 def run(cfg: TrainConfig):
     """Train, evaluate on the test split, write every run output; returns the results dict.
     Under torchrun: data-parallel, and rank 0 writes (every rank returns the same results)."""
-    root = _data_root(cfg)
+    root = runs.data_root(cfg.data)
     splits = D.load_dataset(root, cfg.dataset)
     cfg = resolve(cfg, splits.name)
     world, device = dist.setup(cfg.device)
@@ -393,19 +258,18 @@ def run(cfg: TrainConfig):
                          "drop it for CPU, torchrun or --reference-path runs")
     _start_folder(cfg, folder, world)
     cfg.device = device
-    log = _QuietLog() if not world.main else RunLog(folder, _read_state(folder)["metrics_bytes"] if cfg.resume else None)
+    metrics_bytes = runs.read_state(folder)["metrics_bytes"] if cfg.resume else None
+    log = runs.RunLog(folder, metrics_bytes) if world.main else runs.QuietLog()
     torch.manual_seed(cfg.seed)
     few = _few_shot_splits(cfg, splits, folder, world)
     train_split = D.subsample_classes(few, cfg.subsample)
-    clip, clip_sha = _clip_and_sha(cfg)
+    clip, clip_sha = runs.load_weights(cfg.weights, cfg.device, cfg.precision)
     prompt_cfg = PromptConfig(method=cfg.method, n_ctx=cfg.n_ctx, ctx_init=cfg.ctx_init, csc=cfg.csc,
                               class_token_position=cfg.class_token_position)
-    model = build_prompted_clip(clip, train_split.classnames, prompt_cfg, seed=cfg.seed, reference=cfg.reference_path,
-                                shared_prefix=cfg.shared_prefix, length_buckets=cfg.cuda_graph)  # see prompts.py
-    _shard_classes(model, cfg, world)
-    res = clip.visual.input_resolution
-    parallel = "" if world.size == 1 else (f" across {world.size} processes" +
-                                           (", classes sharded" if model.class_shard else ""))
+    learner = build_prompted_clip(clip, train_split.classnames, prompt_cfg, seed=cfg.seed).learner
+    model = _model(cfg, clip, learner, world, train=True)
+    sharded = isinstance(model, FastPromptedCLIP) and model.config.class_shard is not None
+    parallel = "" if world.size == 1 else f" across {world.size} processes" + (", classes sharded" if sharded else "")
     log.print(f"{cfg.method} on {splits.name} ({root}): {len(train_split.classnames)} classes ({cfg.subsample}), "
               f"{cfg.shots} shots, {len(train_split.train)} training images, {cfg.epochs} epochs, batch "
               f"{cfg.batch_size}, {cfg.precision} on {cfg.device}{parallel}, "
@@ -413,40 +277,40 @@ def run(cfg: TrainConfig):
     if cfg.batch_size < world.size:
         log.print(f"warning: batch {cfg.batch_size} < {world.size} processes: some processes idle at every step; "
                   f"pass --batch-size {world.size} or more (the global batch) to use them all")
-    dataset = D.ImageDataset(train_split.train, train_transform(res), train=True, seed=cfg.seed,
-                             cache_decoded=len(train_split.train) <= 20000, skip_bad=cfg.skip_bad_images)
+    dataset = D.ImageDataset(train_split.train, train_transform(clip.visual.input_resolution), train=True,
+                             seed=cfg.seed, cache_decoded=len(train_split.train) <= 20000, skip_bad=cfg.skip_bad_images)
     t0 = time.time()
     train_epochs(cfg, model, dataset, log, folder, world)
     log.print(f"finished training in {(time.time() - t0) / 60:.1f} min")
-    return _save_and_test(cfg, clip, clip_sha, model, few, train_split, splits.name, log, folder, world)
+    return _save_and_test(cfg, clip, clip_sha, learner, few, train_split, splits.name, log, folder, world)
 
 
-def _save_and_test(cfg, clip, clip_sha, model, few, train_split, dataset_name, log, folder, world):
+def _save_and_test(cfg, clip, clip_sha, learner, few, train_split, dataset_name, log, folder, world):
     """Write the learned prompt (and CoOp's classifier), test it and zero-shot CLIP on the test split
     (base-to-new: also on the new half), write results.json and print the table; returns the results."""
-    model.class_shard = None                 # evaluation shards images, not classes
+    model = _model(cfg, clip, learner)       # evaluation shards images, not classes
     prompt_path = os.path.join(folder, "prompt.safetensors")
     if world.main:
-        save_prompt(prompt_path, model, clip_sha)
+        save_prompt(prompt_path, learner, clip_sha)
         if not model.is_conditional:
             export_classifier(os.path.join(folder, "classifier.safetensors"), model, clip_sha)
     dist.barrier(world)                      # the prompt file is written before any rank reads it
     model.eval()
-    learned, zero_shot = _evaluate_classes(cfg, clip, model, train_split, world)
+    learned, zero_shot = _evaluate_classes(cfg, model, train_split, world)
     results = {**learned, "dataset": dataset_name, "method": cfg.method, "shots": cfg.shots, "seed": cfg.seed,
                "subsample": cfg.subsample, "zero_shot": zero_shot}
     rows = [(f"zero-shot CLIP ({cfg.subsample})", zero_shot), (f"{cfg.method} ({cfg.subsample})", learned)]
     if cfg.subsample == "base" and not cfg.csc:
         new_split = D.subsample_classes(few, "new")
-        new_model = load_prompt(prompt_path, clip, new_split.classnames, clip_sha)
-        new, new_zero_shot = _evaluate_classes(cfg, clip, new_model, new_split, world)
+        new_model = _model(cfg, clip, load_prompt(prompt_path, clip, new_split.classnames, clip_sha).learner)
+        new, new_zero_shot = _evaluate_classes(cfg, new_model, new_split, world)
         results.update(base=learned["accuracy"], new=new["accuracy"],
                        harmonic_mean=E.harmonic_mean(learned["accuracy"], new["accuracy"]),
                        new_metrics=new, zero_shot_new=new_zero_shot,
                        zero_shot_harmonic_mean=E.harmonic_mean(zero_shot["accuracy"], new_zero_shot["accuracy"]))
         rows += [("zero-shot CLIP (new)", new_zero_shot), (f"{cfg.method} (new)", new)]
     if world.main:
-        _write_json(os.path.join(folder, "results.json"), results)
+        write_json(os.path.join(folder, "results.json"), results)
     log.print(E.format_table(rows, f"test accuracy, {dataset_name}, {cfg.shots} shots, seed {cfg.seed}"))
     if "harmonic_mean" in results:
         log.print(f"base {results['base']:.2f}  new {results['new']:.2f}  H {results['harmonic_mean']:.2f}"
@@ -466,7 +330,7 @@ def parse_args(argv=None) -> TrainConfig:
     a = p.add_argument
     a("--data", help="dataset folder (official CoOp layouts, split_zhou json, or class/image.jpg); default: demo")
     a("--dataset", default="auto", help="dataset name, or auto to detect from the folder (default auto)")
-    a("--weights", help="CLIP safetensors from weights/convert.py (default: weights/tiny_clip.safetensors)")
+    a("--weights", help="CLIP safetensors from coop_min.weights.convert (default: the bundled tiny demo CLIP)")
     a("--method", default="coop", choices=["coop", "cocoop"])
     a("--shots", type=int, default=16, help="training images per class (default 16)")
     a("--n-ctx", type=int, help="context length M (paper: 16 CoOp, 4 CoCoOp); a --ctx-init phrase sets it")
@@ -485,7 +349,8 @@ def parse_args(argv=None) -> TrainConfig:
     a("--resume", action="store_true", help="continue the run in --output from its state.pt")
     a("--workers", type=int, help="data loader worker processes (default 0 on CPU, 8 on CUDA)")
     a("--skip-bad-images", action="store_true", help="skip and count unreadable images instead of failing")
-    a("--reference-path", action="store_true", help="use the official compute path (slow; for comparison)")
+    a("--reference-path", action="store_true",
+      help="compute with the method as written in prompts.py instead of the fast path (same numbers, slower)")
     a("--shared-prefix", action="store_true",
       help="encode [SOS, ctx] once for all classes (UC, end; CoCoOp): less memory at many classes, more launches")
     a("--no-shard-text", dest="shard_text", action="store_false",

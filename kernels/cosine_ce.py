@@ -45,11 +45,11 @@ import torch.nn.functional as F
 try:
     import triton
     import triton.language as tl
-    _jit = triton.jit
+    jit = triton.jit                     # kernels/elementwise.py uses it too
 except ImportError:  # CPU-only platforms: the twins work, use_triton() says what is missing
     triton = None
     tl = SimpleNamespace(constexpr=lambda value=None: value)  # lets the kernels below be defined
-    _jit = lambda fn: fn  # noqa: E731
+    jit = lambda fn: fn  # noqa: E731
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # read once, like triton.jit does
 # Triton's interpreter (3.9) multiplies the raw bits of bf16 operands in tl.dot: upcast there.
@@ -59,13 +59,13 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 # ----------------------------------------------------------------------------- kernels
 
-@_jit
+@jit
 def _norm(sumsq):
     """|x| from sum(x*x), clamped at 1e-12 like F.normalize."""
     return tl.maximum(tl.sqrt(sumsq), 1e-12)
 
 
-@_jit
+@jit
 def _sumsq_rows(x_ptr, rows, n_rows, D, s_r, s_d, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
                 ACC: tl.constexpr):
     sq = tl.zeros((BLOCK_R,), ACC)
@@ -77,7 +77,7 @@ def _sumsq_rows(x_ptr, rows, n_rows, D, s_r, s_d, BLOCK_R: tl.constexpr, BLOCK_D
     return sq
 
 
-@_jit
+@jit
 def _mma(a, b, acc, ACC: tl.constexpr):
     """acc + a @ b accumulated in ACC. Two 16-bit operands: tensor cores (their products are exact
     in fp32). An fp32 gradient tile times bf16 features: the tile is cast to bf16, as flash
@@ -91,7 +91,7 @@ def _mma(a, b, acc, ACC: tl.constexpr):
     return tl.dot(a.to(ACC), b.to(ACC), acc, input_precision="ieee", out_dtype=ACC)
 
 
-@_jit
+@jit
 def _dots(f_ptr, t_ptr, rows, cols, B, C, D, s_fb, s_fd, s_tb, s_tc, s_td,
           PER_IMAGE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
           BLOCK_D: tl.constexpr, ACC: tl.constexpr):
@@ -122,7 +122,7 @@ def _dots(f_ptr, t_ptr, rows, cols, B, C, D, s_fb, s_fd, s_tb, s_tc, s_td,
     return dots, sq_t
 
 
-@_jit
+@jit
 def _grad_logits(u, s, lse, y, coef, cols, C):
     """dL/dz for a tile: coef_i (softmax_ic - [c == y_i]), softmax recomputed from the saved lse."""
     p = tl.exp(s * u - lse[:, None])
@@ -130,7 +130,7 @@ def _grad_logits(u, s, lse, y, coef, cols, C):
     return tl.where(cols[None, :] < C, dz, 0.0)
 
 
-@_jit
+@jit
 def _forward_kernel(f_ptr, t_ptr, scale_ptr, labels_ptr, lse_ptr, target_ptr,
                     B, C, D, s_fb, s_fd, s_tb, s_tc, s_td, classes_per_split, ignore_index,
                     PER_IMAGE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -159,7 +159,7 @@ def _forward_kernel(f_ptr, t_ptr, scale_ptr, labels_ptr, lse_ptr, target_ptr,
     tl.store(target_ptr + split * B + rows, z_y, mask=rows < B)
 
 
-@_jit
+@jit
 def _finish_kernel(lse_part_ptr, target_part_ptr, labels_ptr, lse_ptr, loss_ptr, n_kept_ptr,
                    n_bad_ptr, B, C, splits, ignore_index, BLOCK_S: tl.constexpr,
                    BLOCK: tl.constexpr, ACC: tl.constexpr):
@@ -189,7 +189,7 @@ def _finish_kernel(lse_part_ptr, target_part_ptr, labels_ptr, lse_ptr, loss_ptr,
     tl.store(n_bad_ptr, tl.sum(bad))
 
 
-@_jit
+@jit
 def _backward_rows_kernel(f_ptr, t_ptr, scale_ptr, labels_ptr, lse_ptr, grad_ptr, n_kept_ptr,
                           df_ptr, dt_ptr, row_dot_ptr,
                           B, C, D, s_fb, s_fd, s_tb, s_tc, s_td, ignore_index,
@@ -245,7 +245,7 @@ def _backward_rows_kernel(f_ptr, t_ptr, scale_ptr, labels_ptr, lse_ptr, grad_ptr
         tl.store(row_dot_ptr + rows, row_dot, mask=rows < B)
 
 
-@_jit
+@jit
 def _backward_cols_kernel(f_ptr, t_ptr, scale_ptr, labels_ptr, lse_ptr, grad_ptr, n_kept_ptr,
                           dt_ptr,
                           B, C, D, s_fb, s_fd, s_tc, s_td, ignore_index,
@@ -282,7 +282,7 @@ def _backward_cols_kernel(f_ptr, t_ptr, scale_ptr, labels_ptr, lse_ptr, grad_ptr
     tl.store(dt_ptr + t_off, dt, mask=t_mask)
 
 
-@_jit
+@jit
 def _logits_kernel(f_ptr, t_ptr, scale_ptr, out_ptr, B, C, D, s_fb, s_fd, s_tb, s_tc, s_td,
                    PER_IMAGE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
                    BLOCK_D: tl.constexpr, ACC: tl.constexpr):

@@ -1,8 +1,8 @@
 """Fused LayerNorm and QuickGELU for a frozen bf16/fp16 CLIP: one kernel where PyTorch runs several.
 
-At CoOp's sizes the text encoder's step is bound by elementwise memory traffic, not by its matmuls
-(bench.py's cost notes: at 1000 classes the matmuls move 14 GB, everything else 55 GB). Two ops move
-most of it, because CLIP computes them the careful way:
+At CoOp's sizes the text encoder's step moves more bytes through elementwise ops than through its
+matmuls (`bench.py --cost` counts them; docs/performance.md). Two ops move most of it, because CLIP
+computes them the careful way:
 
 - LayerNorm in fp32 on a 16-bit input, cast back (OpenAI's LayerNorm): x.float(), layer_norm, .to(),
   three kernels and 20 bytes per element forward; backward casts the gradient and the input to fp32,
@@ -23,14 +23,14 @@ unless TRITON_INTERPRET=1 was set before triton was imported.
 import torch
 import torch.nn.functional as F
 
-from .cosine_ce import tl, triton, use_triton, _jit
+from .cosine_ce import tl, triton, use_triton, jit
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 # ----------------------------------------------------------------------------- kernels
 
-@_jit
+@jit
 def _layer_norm_forward_kernel(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, W, eps,
                                HAS_W: tl.constexpr, HAS_B: tl.constexpr, BLOCK_W: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)                # one row of W elements per program
@@ -50,7 +50,7 @@ def _layer_norm_forward_kernel(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, W
     tl.store(rstd_ptr + row, rstd)
 
 
-@_jit
+@jit
 def _layer_norm_backward_kernel(x_ptr, w_ptr, g_ptr, mean_ptr, rstd_ptr, dx_ptr, W,
                                 HAS_W: tl.constexpr, BLOCK_W: tl.constexpr):
     # dx = rstd (wg - mean(wg) - xhat mean(wg xhat)), wg = w * g, xhat = (x - mean) rstd
@@ -69,7 +69,7 @@ def _layer_norm_backward_kernel(x_ptr, w_ptr, g_ptr, mean_ptr, rstd_ptr, dx_ptr,
     tl.store(dx_ptr + row * W + cols, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
-@_jit
+@jit
 def _quick_gelu_forward_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
     i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = i < n
@@ -78,7 +78,7 @@ def _quick_gelu_forward_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
     tl.store(y_ptr + i, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-@_jit
+@jit
 def _quick_gelu_backward_kernel(x_ptr, g_ptr, dx_ptr, n, BLOCK: tl.constexpr):
     # d/dx x s(1.702 x) = s + 1.702 x s (1 - s)
     i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)

@@ -156,6 +156,7 @@ def test_fast_path_with_the_kernels_equals_the_reference_path(monkeypatch, metho
     """Under the interpreter PromptedCLIP's fast path runs the CLIP's LayerNorms and QuickGELUs as
     these kernels (counted): loss and context gradient must equal the plain reference path's (fp32)."""
     from coop_min.clip import CLIP, CLIPConfig
+    from coop_min.fast import FastConfig, FastPromptedCLIP
     from coop_min.prompts import PromptConfig, build_prompted_clip
 
     calls = {"layer_norm": 0, "quick_gelu": 0}
@@ -171,7 +172,9 @@ def test_fast_path_with_the_kernels_equals_the_reference_path(monkeypatch, metho
     images, labels = torch.randn(3, 3, 32, 32, generator=g), torch.tensor([0, 3, 1])
     results = []
     for reference in (False, True):
-        model = build_prompted_clip(clip, names, config, seed=2, reference=reference, shared_prefix=shared_prefix)
+        model = build_prompted_clip(clip, names, config, seed=2)
+        if not reference:
+            model = FastPromptedCLIP(clip, model.learner, FastConfig(shared_prefix=shared_prefix))
         loss = model.loss(images, labels)
         loss.backward()
         results.append((loss.detach(), model.learner.ctx.grad.clone()))
@@ -208,6 +211,7 @@ def test_cuda_kernels_at_clip_widths_match_float64(dtype, W):
 def test_cuda_bf16_fast_path_with_the_kernels_is_close_to_without(method):
     """ViT-B/16 text and image shapes in bf16 on the GPU: the fused kernels change roundings only."""
     from coop_min.clip import CLIP, CLIPConfig, convert_dtype
+    from coop_min.fast import FastConfig, FastPromptedCLIP
     from coop_min.prompts import PromptConfig, build_prompted_clip
 
     torch.manual_seed(0)
@@ -217,7 +221,8 @@ def test_cuda_bf16_fast_path_with_the_kernels_is_close_to_without(method):
     images, labels = torch.randn(4, 3, 224, 224, generator=g).cuda(), torch.tensor([0, 3, 1, 99]).cuda()
     out = []
     for fused in (True, False):
-        model = build_prompted_clip(clip, names, PromptConfig.for_method(method), seed=2, fused_elementwise=fused)
+        learner = build_prompted_clip(clip, names, PromptConfig.for_method(method), seed=2).learner
+        model = FastPromptedCLIP(clip, learner, FastConfig(fused_elementwise=fused))
         loss = model.loss(images, labels)
         loss.backward()
         out.append((float(loss), model.learner.ctx.grad.float().clone()))

@@ -3,7 +3,7 @@
 The independent references here follow the official code literally: `_official_prompts` is
 trainers/coop.py's PromptLearner (token_prefix / token_suffix slicing, a per-class cat for middle and
 front), `_official_cocoop_logits` is trainers/cocoop.py's per-image loop; the text encoder they use is
-CLIP's full-length path (truncate=False), which test_clip.py checks against OpenAI's model.py.
+CLIP's full-length path (all 77 positions), which test_clip.py checks against OpenAI's model.py.
 """
 import json
 
@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from coop_min.clip import CLIP, CLIPConfig
+from coop_min.fast import FastConfig, FastPromptedCLIP, bucket_cuts
 from coop_min.prompts import (CoCoOpPromptLearner, CoOpPromptLearner, PromptConfig, PromptedCLIP,
                               build_prompted_clip, export_classifier, load_prompt, nearest_words,
                               save_prompt)
@@ -68,7 +69,7 @@ def _official_prompts(clip, classnames, ctx, n_ctx, position, prompt_prefix):
 
 
 def _official_text_encoder(clip, prompts, tokenized_prompts):
-    return clip.encode_text_embeddings(prompts, tokenized_prompts.argmax(dim=-1), truncate=False)
+    return clip.encode_text_embeddings(prompts, tokenized_prompts.argmax(dim=-1))
 
 
 def _official_cocoop_logits(clip, learner, image_features):
@@ -160,15 +161,15 @@ def test_end_prompt_with_phrase_context_equals_encode_text_of_the_sentence(clip)
         model.learner.ctx.copy_(clip.token_embedding.weight[encode("a photo of a")])
         got = model.text_features()
     texts = [f"a photo of a {name.replace('_', ' ')}." for name in CLASSNAMES]
-    _close(got, clip.encode_text(tokenize(texts), truncate=False))
+    _close(got, clip.encode_text(tokenize(texts)))
 
 
 @pytest.mark.parametrize("position,csc", [("end", False), ("middle", False), ("front", True)])
 def test_coop_fast_path_matches_official(clip, position, csc):
     config = PromptConfig(n_ctx=6, csc=csc, class_token_position=position)
-    fast = build_prompted_clip(clip, CLASSNAMES, config, seed=0, max_prompts_per_chunk=3)
-    ref = PromptedCLIP(clip, fast.learner, reference=True)
-    prefixed = PromptedCLIP(clip, fast.learner, max_prompts_per_chunk=3, shared_prefix=True)
+    ref = build_prompted_clip(clip, CLASSNAMES, config, seed=0)
+    fast = FastPromptedCLIP(clip, ref.learner, FastConfig(max_prompts_per_chunk=3))
+    prefixed = FastPromptedCLIP(clip, ref.learner, FastConfig(max_prompts_per_chunk=3, shared_prefix=True))
     ctx = fast.learner.ctx
     prompts, tokenized = _official_prompts(clip, CLASSNAMES, ctx, 6, position, "X X X X X X")
     official_t = _official_text_encoder(clip, prompts, tokenized)
@@ -188,9 +189,9 @@ def test_coop_fast_path_matches_official(clip, position, csc):
 
 def test_cocoop_batched_matches_official_per_image_loop(clip):
     config = PromptConfig(method="cocoop", ctx_init="")
-    fast = build_prompted_clip(clip, CLASSNAMES, config, seed=0, max_prompts_per_chunk=5)  # chunks cut images
-    ref = PromptedCLIP(clip, fast.learner, reference=True)
-    prefixed = PromptedCLIP(clip, fast.learner, max_prompts_per_chunk=5, shared_prefix=True)
+    ref = build_prompted_clip(clip, CLASSNAMES, config, seed=0)
+    fast = FastPromptedCLIP(clip, ref.learner, FastConfig(max_prompts_per_chunk=5))   # chunks cut images
+    prefixed = FastPromptedCLIP(clip, ref.learner, FastConfig(max_prompts_per_chunk=5, shared_prefix=True))
     with torch.no_grad():                      # non-zero Meta-Net output so the image really matters
         fast.learner.meta_net.linear2.weight.normal_(0, 0.5)
     f = torch.randn(3, 32)
@@ -218,45 +219,40 @@ def test_cocoop_batched_matches_official_per_image_loop(clip):
 
 
 def test_class_shard_encodes_only_its_classes(clip):
-    model = build_prompted_clip(clip, CLASSNAMES, PromptConfig(n_ctx=4, class_token_position="middle"), seed=0)
-    everything = PromptedCLIP(clip, model.learner, reference=True).text_features()
-    model.class_shard = (torch.tensor([1, 2]), lambda t: torch.cat([torch.zeros(1, 32), t, torch.zeros(1, 32)]))
-    t = model.text_features()                 # the gather stands in for the other ranks' rows
+    method = build_prompted_clip(clip, CLASSNAMES, PromptConfig(n_ctx=4, class_token_position="middle"), seed=0)
+    everything = method.text_features()
+    shard = ([1, 2], lambda t: torch.cat([torch.zeros(1, 32), t, torch.zeros(1, 32)]))
+    t = FastPromptedCLIP(clip, method.learner, FastConfig(class_shard=shard)).text_features()                 # the gather stands in for the other ranks' rows
     _close(t[1:3], everything[1:3])
     assert torch.equal(t[[0, 3]], torch.zeros(2, 32))
 
 
-def test_length_bucket_plan_sorts_cuts_and_restores_the_order(clip, monkeypatch):
-    import coop_min.prompts as P
-
-    monkeypatch.setattr(P, "_MIN_BUCKET", 2)
-    model = build_prompted_clip(clip, CLASSNAMES, PromptConfig(n_ctx=4), max_prompts_per_chunk=3, length_buckets=True)
+def test_length_bucket_plan_sorts_cuts_and_restores_the_order():
     eots = [9, 5, 7, 5, 9, 5, 12]                         # sorted: 5 5 5 | 7 9 9 | 12 -> the last joins no chunk of 2
-    chunks, inverse = model._bucket_plan(eots, torch.device("cpu"))
+    chunks = bucket_cuts(eots, max_per_chunk=3, min_bucket=2)
     # a chunk ends at a length change once it has 2 prompts (and 2 remain), or at 3 prompts
-    assert [(p.tolist(), n) for p, n in chunks] == [([1, 3, 5], 6), ([2, 0, 4], 10), ([6], 13)]
-    order = torch.cat([p for p, _ in chunks])
-    assert torch.equal(order[inverse], torch.arange(7))
-    assert model._bucket_plan([5, 5, 6], torch.device("cpu")) is None    # one chunk: the plain path
+    assert chunks == [([1, 3, 5], 6), ([2, 0, 4], 10), ([6], 13)]
+    assert sorted(i for idx, _ in chunks for i in idx) == list(range(7))
+    assert bucket_cuts([5, 5, 6], max_per_chunk=3, min_bucket=2) == [([0, 1, 2], 7)]   # one chunk
 
 
 @pytest.mark.parametrize("method,shared_prefix", [("coop", False), ("coop", True), ("cocoop", False), ("cocoop", True)])
 def test_length_buckets_give_the_features_of_one_padded_batch(clip, monkeypatch, method, shared_prefix):
     """Each bucket is padded to its own longest prompt; padding after EOT is never read, so the text
     features (and the loss's gradient) must be those of the plain path, in the same order."""
-    import coop_min.prompts as P
+    import coop_min.fast as fast
 
-    monkeypatch.setattr(P, "_MIN_BUCKET", 2)
+    monkeypatch.setattr(fast, "MIN_BUCKET", 2)
     names = ["dog", "golden_retriever", "2012 Tesla Model S", "cat", "sea lion", "a b c d e f", "ox", "fire truck"]
     f = torch.randn(3, 32, generator=torch.Generator().manual_seed(0))
     labels = torch.tensor([7, 2, 0])
     out = {}
     for buckets in (False, True):
-        model = build_prompted_clip(clip, names, PromptConfig.for_method(method), seed=1,
-                                    shared_prefix=shared_prefix, length_buckets=buckets)
+        learner = build_prompted_clip(clip, names, PromptConfig.for_method(method), seed=1).learner
+        model = FastPromptedCLIP(clip, learner, FastConfig(shared_prefix=shared_prefix, length_buckets=buckets))
         if buckets:
-            eots = model.learner.eot_list * (len(f) if method == "cocoop" else 1)
-            assert model._bucket_plan(eots, torch.device("cpu")) is not None     # several buckets do run
+            eots = learner.eot_list * (len(f) if method == "cocoop" else 1)
+            assert len(fast.bucket_cuts(eots, 4096, fast.MIN_BUCKET)) > 1         # several buckets do run
         t = model.text_features(f if method == "cocoop" else None)
         model.loss(f, labels).backward()
         out[buckets] = t.detach(), model.learner.ctx.grad.clone()
@@ -275,11 +271,12 @@ def test_fast_step_reads_no_device_value_on_the_host(clip, monkeypatch, method, 
     """A CUDA graph cannot capture a host read of a device value (.item(), int(t), if t: ...), and on a
     GPU each one stalls the launch queue. The fast step (forward, backward, SGD) must make none; on
     CPU they are made to raise here. (Length buckets plan on the first step, outside any capture.)"""
-    import coop_min.prompts as P
+    import coop_min.fast as fast
 
-    monkeypatch.setattr(P, "_MIN_BUCKET", 1)
-    model = build_prompted_clip(clip, CLASSNAMES, PromptConfig.for_method(method), seed=0,
-                                max_prompts_per_chunk=3, shared_prefix=shared_prefix, length_buckets=buckets).train()
+    monkeypatch.setattr(fast, "MIN_BUCKET", 1)
+    learner = build_prompted_clip(clip, CLASSNAMES, PromptConfig.for_method(method), seed=0).learner
+    model = FastPromptedCLIP(clip, learner, FastConfig(max_prompts_per_chunk=3, shared_prefix=shared_prefix,
+                                                       length_buckets=buckets)).train()
     optimizer = torch.optim.SGD(model.trainable_parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
     images, labels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)), torch.tensor([3, 1])
 
@@ -329,8 +326,8 @@ def test_bf16_clip_keeps_fp32_context_and_matches_reference(clip):
     f = torch.randn(2, 32, generator=torch.Generator().manual_seed(0)).bfloat16()   # not the order-dependent global RNG
     labels = torch.tensor([1, 3])
     for config in (PromptConfig(n_ctx=4), PromptConfig(method="cocoop")):
-        fast = build_prompted_clip(low, CLASSNAMES, config)
-        ref = PromptedCLIP(low, fast.learner, reference=True)
+        ref = build_prompted_clip(low, CLASSNAMES, config)
+        fast = FastPromptedCLIP(low, ref.learner)
         assert fast.learner.ctx.dtype == torch.float32 and fast.learner.token_prefix.dtype == torch.bfloat16
         with torch.no_grad():
             _close(fast.logits_from_features(f), ref.logits_from_features(f), 2e-2)
@@ -353,7 +350,8 @@ def test_bf16_cocoop_shared_prefix_gradient_sums_the_classes_in_fp32():
     for dtype in (torch.float32, torch.bfloat16):
         low = convert_dtype(build_clip(state), dtype)
         for shared_prefix in (False, True):
-            model = build_prompted_clip(low, names, PromptConfig(method="cocoop"), seed=2, shared_prefix=shared_prefix)
+            learner = build_prompted_clip(low, names, PromptConfig(method="cocoop"), seed=2).learner
+            model = FastPromptedCLIP(low, learner, FastConfig(shared_prefix=shared_prefix))
             model.loss(images, labels).backward()
             grads[dtype, shared_prefix] = model.learner.ctx.grad
     exact = grads[torch.float32, False]
@@ -445,8 +443,8 @@ def test_cuda_bf16_fast_path_matches_fp32_reference(method):
     fast_clip = convert_dtype(build_clip(sd, cfg).cuda(), torch.bfloat16)
     names = [f"class {i} " + "word " * (i % 5) for i in range(300)]
     config = PromptConfig(method=method, ctx_init="")
-    ref = build_prompted_clip(ref_clip, names, config, seed=0, reference=True)
-    fast = build_prompted_clip(fast_clip, names, config, seed=0)
+    ref = build_prompted_clip(ref_clip, names, config, seed=0)
+    fast = FastPromptedCLIP(fast_clip, build_prompted_clip(fast_clip, names, config, seed=0).learner)
     fast.learner.load_state_dict(ref.learner.state_dict())
     f, labels = torch.randn(4, 512, device="cuda"), torch.randint(0, 300, (4,), device="cuda")
     params_ref, params_fast = ref.trainable_parameters(), fast.trainable_parameters()

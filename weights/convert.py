@@ -1,6 +1,7 @@
 """Convert a CLIP checkpoint to the safetensors file that coop_min.clip.load_clip reads.
 
-    python weights/convert.py SRC DST.safetensors [--dtype fp32|fp16] [--gelu]
+    python -m coop_min.weights.convert SRC DST.safetensors [--dtype fp32|fp16] [--gelu]
+    python weights/convert.py SRC DST.safetensors ...          (the same, from a checkout)
 
 SRC is detected, not declared:
   - an OpenAI TorchScript archive (ViT-B-16.pt, RN50.pt, ...), read by a restricted unpickler that
@@ -40,6 +41,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from coop_min.clip import build_clip
+from coop_min.files import atomic_write
 
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 _TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
@@ -352,15 +354,6 @@ def _sha256(paths):
     return h.hexdigest()
 
 
-def _save_atomic(tensors, dst, metadata):
-    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
-    try:
-        save_file(tensors, str(tmp), metadata=metadata)
-        os.replace(tmp, dst)  # readers see the old file or the new one, never half of one
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def convert(src, dst, dtype="fp32", gelu=False, vision_heads=None, text_heads=None) -> dict:
     """Write the CLIP checkpoint src as an OpenAI-layout safetensors file dst; returns its metadata."""
     src, dst = Path(src), Path(dst)
@@ -382,7 +375,7 @@ def convert(src, dst, dtype="fp32", gelu=False, vision_heads=None, text_heads=No
     files = [src / "config.json", *_hf_weight_files(src)] if src.is_dir() else [src]
     metadata = {"config": json.dumps(asdict(config)), "source": src.name, "source_sha256": _sha256(files),
                 "format": fmt}
-    _save_atomic(sd, dst, metadata)
+    atomic_write(str(dst), lambda tmp: save_file(sd, tmp, metadata=metadata))  # old file or new, never half
     return metadata
 
 

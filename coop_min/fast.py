@@ -1,0 +1,267 @@
+"""The fast path: `FastPromptedCLIP` computes what `prompts.PromptedCLIP` computes, faster.
+
+Each technique is exact by construction, and tests compare this object with the method
+(fp32 to ~1e-5, bf16 to ~1e-2):
+- EOT truncation: the text transformer is causal and only the EOT row is read, so sequences are cut
+  after the last EOT of the batch (no kept position attends to a cut one).
+- Batched CoCoOp: every (image, class) prompt of a step goes through the text encoder as one batch,
+  in chunks of at most `max_prompts_per_chunk`, instead of one image at a time.
+- Fused head: `kernels/cosine_ce.py` normalises, computes the logits and the cross-entropy with its
+  gradient in one pass.
+- Fused elementwise (`fused_elementwise=True`): on CUDA the frozen CLIP's LayerNorms and QuickGELUs
+  run as `kernels/elementwise.py`; the object swaps them in a copy of the CLIP that shares its
+  weights (the caller's CLIP is unchanged), as Liger-Kernel patches a model's modules.
+- Shared prefix (`shared_prefix=True`; unified context with the class name at the end, and CoCoOp):
+  [SOS, ctx] is the same for every class (CoCoOp: for every class of one image), so it goes through
+  the text encoder once and every class suffix attends to its cached keys and values. Less
+  activation memory and fewer tokens, but twice the kernel launches: it pays when launches are cheap
+  (a CUDA graph, `coop_min/cuda_graph.py`).
+- Length buckets (`length_buckets=True`): prompts sorted by length and cut into chunks, each padded
+  to its own longest prompt (padding after EOT is never read). Again fewer tokens for more launches.
+- Class sharding (`class_shard`, data-parallel CoOp): this process encodes only its classes and a
+  gather gives every process all the features (coop_min/distributed.py builds it).
+
+No step reads a device value on the host (EOT positions are kept on the host), so a step can be
+captured as a CUDA graph. The settings are a `FastConfig`, fixed when the object is built.
+"""
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from coop_min import clip as clip_module
+from coop_min.kernels import elementwise
+from coop_min.kernels.cosine_ce import cosine_ce, cosine_logits, cosine_logits_reference, use_triton
+from coop_min.prompts import PromptedCLIP
+
+MIN_BUCKET = 256   # prompts per length bucket at least: fewer, and each chunk's launches cost more than it saves
+
+
+@dataclass(frozen=True)
+class FastConfig:
+    max_prompts_per_chunk: int = 4096   # text-encoder batch limit (memory)
+    fused_elementwise: bool = True      # LayerNorm / QuickGELU as Triton kernels where Triton runs
+    shared_prefix: bool = False         # [SOS, ctx] encoded once (unified context at the end; CoCoOp)
+    length_buckets: bool = False        # chunks padded to their own longest prompt
+    class_shard: tuple | None = None    # CoOp under torchrun: (this rank's classes, host ints; gather -> (C, D))
+
+
+# ----------------------------------------------------------------------------------------------
+# fused LayerNorm and QuickGELU in a copy of the CLIP
+
+
+class _FusedLayerNorm(clip_module.LayerNorm):
+    def forward(self, x):
+        if use_triton(x):
+            return elementwise.layer_norm(x, self.weight, self.bias, self.eps)
+        return super().forward(x)
+
+
+class _FusedQuickGELU(clip_module.QuickGELU):
+    def forward(self, x):
+        return elementwise.quick_gelu(x) if use_triton(x) else super().forward(x)
+
+
+def fused_elementwise(clip):
+    """A copy of `clip` sharing its parameters and buffers whose LayerNorms and QuickGELUs run the
+    fused kernels where Triton runs (CUDA tensors, or TRITON_INTERPRET=1) and their plain selves
+    elsewhere. Make it after casting the CLIP (convert_dtype replaces buffers)."""
+    shared = {id(t): t for t in [*clip.parameters(), *clip.buffers()]}
+    fused = copy.deepcopy(clip, memo=shared)          # new modules, the same tensors
+    for module in fused.modules():
+        if type(module) is clip_module.LayerNorm:
+            module.__class__ = _FusedLayerNorm            # same parameters and names, other forward
+        elif type(module) is clip_module.QuickGELU:
+            module.__class__ = _FusedQuickGELU
+    return fused
+
+
+def encode_text(clip, tokens):
+    """CLIP.encode_text cut after the last EOT (exact): tokens (N, L) long -> (N, D)."""
+    eot = tokens.argmax(dim=-1)
+    return clip.encode_text_embeddings(clip.token_embedding(tokens[:, :int(eot.max()) + 1]), eot)
+
+
+# ----------------------------------------------------------------------------------------------
+# the text encoder on sequences that share a prefix
+
+
+def _attention(attn, x, prefix_kv=None, group=None):
+    """Causal self-attention of clip.Attention `attn` on x (B, L, W) -> (output (B, L, W), its (k, v)).
+
+    prefix_kv: keys/values (G, h, P, hs) of a prefix that every row continues; row b uses prefix
+    group[b] (prefix 0 for all when group is None), exactly as if it had been prepended to the row."""
+    B, L, W = x.shape
+    qkv = F.linear(x, attn.in_proj_weight, attn.in_proj_bias)                # (B, L, 3W)
+    q, k, v = qkv.view(B, L, 3, attn.heads, W // attn.heads).permute(2, 0, 3, 1, 4)   # (B, h, L, hs)
+    if prefix_kv is None:
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    else:
+        pk, pv = prefix_kv
+        if group is None:                        # backward sums over the rows with fp32 accumulation
+            pk, pv = pk.expand(B, -1, -1, -1), pv.expand(B, -1, -1, -1)
+        else:  # gathered in fp32: backward index-adds hundreds of rows into each prefix, which bf16 would lose
+            pk, pv = pk.float()[group].to(pk.dtype), pv.float()[group].to(pv.dtype)
+        P = pk.shape[2]
+        mask = torch.ones(L, P + L, dtype=torch.bool, device=x.device).tril(diagonal=P)  # row j sees <= P + j
+        y = F.scaled_dot_product_attention(q, torch.cat([pk, k], 2), torch.cat([pv, v], 2), attn_mask=mask)
+    return attn.out_proj(y.transpose(1, 2).reshape(B, L, W)), (k, v)
+
+
+def _text_blocks(clip, x, prefix_kvs=None, group=None):
+    """The text transformer's blocks on x (B, L, W) -> (x, each layer's (k, v))."""
+    kvs = []
+    for i, block in enumerate(clip.transformer.resblocks):
+        a, kv = _attention(block.attn, block.ln_1(x), None if prefix_kvs is None else prefix_kvs[i], group)
+        x = x + a
+        x = x + block.mlp(block.ln_2(x))
+        kvs.append(kv)
+    return x, kvs
+
+
+def text_prefix_kvs(clip, prefix):
+    """Each text layer's keys and values (G, h, P, hs) for prefixes (G, P, W) of token embeddings."""
+    P = prefix.shape[1]
+    return _text_blocks(clip, prefix.to(clip.dtype) + clip.positional_embedding[:P].to(clip.dtype))[1]
+
+
+def encode_text_prefixed(clip, prefix, suffix, eot, group=None, length=None, kvs=None):
+    """Text features of the sequences [prefix[group[n]], suffix[n]] -> (N, D).
+
+    prefix (G, P, W) and suffix (N, S, W) are token embeddings; eot (N,) are EOT positions in the
+    full sequence (>= P); group (N,) picks each row's prefix (None: G == 1). Each prefix goes through
+    the transformer once (kvs: text_prefix_kvs(clip, prefix), computed here unless given) and the
+    suffixes attend to its keys/values. length: where to cut (> max(eot)) when the caller knows it
+    on the host; else it is read from the device.
+    """
+    P = prefix.shape[1]
+    if length is None:
+        if int(eot.min()) < P:
+            raise ValueError(f"an EOT position ({int(eot.min())}) lies inside the shared prefix of length {P}")
+        length = int(eot.max()) + 1
+    S = length - P                                                           # EOT truncation
+    kvs = text_prefix_kvs(clip, prefix) if kvs is None else kvs
+    x = suffix[:, :S].to(clip.dtype) + clip.positional_embedding[P:P + S].to(clip.dtype)
+    x = _text_blocks(clip, x, kvs, group)[0]
+    x = x[torch.arange(x.shape[0], device=x.device), eot - P]                # (N, W)
+    return clip.ln_final(x) @ clip.text_projection.to(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# length buckets
+
+
+def bucket_cuts(eots, max_per_chunk, min_bucket=MIN_BUCKET):
+    """Chunks of prompts with EOT positions `eots` (host ints), sorted by length: [(their indices,
+    padded length)]. A chunk ends where the length grows once it holds min_bucket prompts (and
+    min_bucket remain), and at max_per_chunk prompts."""
+    order = sorted(range(len(eots)), key=eots.__getitem__)
+    chunks, start = [], 0
+    for j in range(1, len(order) + 1):
+        at_end, size = j == len(order), j - start
+        longer = not at_end and eots[order[j]] > eots[order[j - 1]]
+        if at_end or size == max_per_chunk or (longer and size >= min_bucket and len(order) - j >= min_bucket):
+            chunks.append((order[start:j], eots[order[j - 1]] + 1))
+            start = j
+    return chunks
+
+
+# ----------------------------------------------------------------------------------------------
+# the fast prompted classifier
+
+
+class FastPromptedCLIP(PromptedCLIP):
+    """PromptedCLIP's numbers with the techniques of this file; shares `learner` (and the CLIP's
+    weights) with whatever else holds them."""
+
+    def __init__(self, clip, learner, config: FastConfig = FastConfig()):
+        super().__init__(fused_elementwise(clip) if config.fused_elementwise else clip, learner)
+        self.config = config
+        self._plans = {}                         # (EOT positions, device) -> chunks, see _chunks
+        self._indices = {}                       # host index lists -> device tensors
+
+    def _chunks(self, eots, device):
+        """[(prompt indices (n,) long, padded length)] and the permutation back to prompt order
+        (None when plain chunks in order), built once per prompt set and device (outside any capture)."""
+        key = (tuple(eots), str(device))
+        if key not in self._plans:
+            n, limit = len(eots), self.config.max_prompts_per_chunk
+            cuts = bucket_cuts(eots, limit, MIN_BUCKET) if self.config.length_buckets else [
+                (list(range(a, min(a + limit, n))), max(eots) + 1) for a in range(0, n, limit)]
+            order = [i for idx, _ in cuts for i in idx]
+            in_order = order == list(range(n))
+            whole = len(cuts) == 1 and in_order      # one chunk in order: index itself, no gather
+            chunks = [(None if whole else torch.tensor(idx, device=device), length) for idx, length in cuts]
+            inverse = None if in_order else torch.tensor(order, device=device).argsort()
+            self._plans[key] = chunks, inverse
+        return self._plans[key]
+
+    def _encode_chunks(self, encode, index, eots):
+        """encode(index part, length) -> features, over `index` (N,) in chunks, in index order."""
+        chunks, inverse = self._chunks(eots, index.device)
+        t = torch.cat([encode(index if i is None else index[i], length) for i, length in chunks])
+        return t if inverse is None else t[inverse]
+
+    def _prefix_shared(self):
+        lrn = self.learner
+        return self.config.shared_prefix and lrn.ctx.dim() == 2 and getattr(lrn, "class_token_position", "end") == "end"
+
+    def text_features(self, image_features=None):
+        if self.is_conditional:
+            return self._cocoop_text_features(image_features)
+        if image_features is not None:
+            raise ValueError("CoOp text features do not depend on images; call text_features()")
+        lrn, shard = self.learner, self.config.class_shard
+        classes = list(range(lrn.n_cls)) if shard is None else list(shard[0])   # host ints
+        if self._prefix_shared():                                           # one prefix for every class
+            prefix = torch.cat([lrn.token_prefix[:1], lrn.ctx[None].to(lrn.token_prefix.dtype)], 1)
+            kvs = text_prefix_kvs(self.clip, prefix)
+
+            def encode(c, length):
+                return encode_text_prefixed(self.clip, prefix, lrn.token_suffix[c], lrn.eot[c], length=length, kvs=kvs)
+        else:
+            def encode(c, length):
+                return self.clip.encode_text_embeddings(lrn(c)[:, :length], lrn.eot[c])
+        t = self._encode_chunks(encode, self._index(classes), [lrn.eot_list[c] for c in classes])
+        return t if shard is None else shard[1](t)
+
+    def _index(self, items):  # host ints -> a long tensor on the learner's device, made once
+        key = tuple(items)
+        if key not in self._indices:
+            self._indices[key] = torch.tensor(key, device=self.learner.eot.device)
+        return self._indices[key]
+
+    def _cocoop_text_features(self, image_features):  # (B, D) -> (B, C, D)
+        lrn = self.learner
+        f = self.meta_net_input(image_features)
+        ctx, B, C = lrn.shifted_ctx(f).to(lrn.token_prefix.dtype), len(f), lrn.n_cls   # (B, M, W)
+        pairs = self._index(range(B * C))                                  # (image, class) = divmod(pair, C)
+        if self._prefix_shared():                                           # one prefix per image
+            prefix = torch.cat([lrn.token_prefix[:1].expand(B, -1, -1), ctx], 1)
+            kvs = text_prefix_kvs(self.clip, prefix)
+
+            def encode(i, length):
+                c = i % C
+                return encode_text_prefixed(self.clip, prefix, lrn.token_suffix[c], lrn.eot[c], i // C, length, kvs)
+        else:
+            def encode(i, length):
+                c = i % C
+                prompts = torch.cat([lrn.token_prefix[c], ctx[i // C], lrn.token_suffix[c, :length - 1 - lrn.n_ctx]], 1)
+                return self.clip.encode_text_embeddings(prompts, lrn.eot[c])
+        return self._encode_chunks(encode, pairs, lrn.eot_list * B).view(B, C, -1)
+
+    def logits_from_features(self, image_features, text=None):  # (B, D) -> (B, C) fp32
+        t = self.text_features(image_features if self.is_conditional else None) if text is None else text
+        dtype = torch.promote_types(image_features.dtype, t.dtype)
+        f, t = image_features.to(dtype), t.to(dtype)
+        if torch.is_grad_enabled() and t.requires_grad:                     # the logits kernel has no backward
+            return cosine_logits_reference(f, t, self.scale())
+        return cosine_logits(f, t, self.scale())
+
+    def loss(self, images_or_features, labels, text=None):
+        x = images_or_features
+        f = self.encode_images(x) if x.dim() == 4 else x
+        t = self.text_features(f if self.is_conditional else None) if text is None else text
+        dtype = torch.promote_types(f.dtype, t.dtype)
+        return cosine_ce(f.to(dtype), t.to(dtype), self.scale(), labels)

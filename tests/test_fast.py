@@ -1,0 +1,58 @@
+"""coop_min/fast.py pieces against the plain CLIP: prefix-KV attention, the fused copy, EOT truncation.
+(The fast prompted classifier against the method: tests/test_prompts.py and test_elementwise.py.)"""
+import pytest
+import torch
+
+from coop_min import fast
+from coop_min.clip import CLIP, CLIPConfig, LayerNorm, QuickGELU, build_clip
+from coop_min.tokenizer import tokenize
+
+
+def _rel(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def _clip(seed=7):
+    torch.manual_seed(seed)
+    cfg = CLIPConfig(32, 32, 2, 64, 8, 2, 77, 49408, 64, 2, 3)
+    return build_clip(CLIP(cfg).state_dict(), cfg)
+
+
+def test_shared_prefix_path_equals_full_sequences():
+    model = _clip()
+    G, P, N = 2, 5, 6
+    prefix = torch.randn(G, P, 64, requires_grad=True)
+    suffix = torch.randn(N, 77 - P, 64)
+    group = torch.tensor([0, 1, 1, 0, 1, 0])
+    eot = torch.tensor([P, P + 3, P + 7, P + 1, P + 2, P + 9])
+    prefixed = fast.encode_text_prefixed(model, prefix, suffix, eot, group)
+    full = model.encode_text_embeddings(torch.cat([prefix[group], suffix], 1), eot)     # all 77 positions
+    assert _rel(prefixed, full) < 1e-5
+    g_prefixed, = torch.autograd.grad(prefixed.square().sum(), prefix)
+    g_full, = torch.autograd.grad(full.square().sum(), prefix)
+    assert _rel(g_prefixed, g_full) < 1e-5
+    shared = fast.encode_text_prefixed(model, prefix[:1], suffix, eot)                  # one prefix for every row
+    assert _rel(shared, model.encode_text_embeddings(torch.cat([prefix[:1].expand(N, -1, -1), suffix], 1), eot)) < 1e-5
+    with pytest.raises(ValueError, match="inside the shared prefix"):
+        fast.encode_text_prefixed(model, prefix, suffix, eot - P, group)
+
+
+def test_text_cut_after_the_last_eot_equals_all_77_positions():
+    model = _clip()
+    tokens = tokenize(["a photo of a dog.", "a", "a much longer sentence about a golden retriever"])
+    assert _rel(fast.encode_text(model, tokens), model.encode_text(tokens)) < 1e-5
+
+
+def test_fused_copy_shares_the_weights_and_leaves_the_original_plain():
+    model = _clip()
+    fused = fast.fused_elementwise(model)
+    assert fused is not model
+    assert all(a is b for a, b in zip(model.parameters(), fused.parameters()))
+    assert all(a is b for a, b in zip(model.buffers(), fused.buffers()))
+    assert [n for n, _ in model.named_parameters()] == [n for n, _ in fused.named_parameters()]
+    kinds = lambda m, cls: sum(type(x) is cls for x in m.modules())  # noqa: E731
+    assert kinds(model, LayerNorm) > 0 and kinds(model, QuickGELU) > 0
+    assert kinds(fused, LayerNorm) == 0 and kinds(fused, QuickGELU) == 0    # all swapped in the copy
+    assert sum(isinstance(x, LayerNorm) for x in fused.modules()) == kinds(model, LayerNorm)   # same places
+    images = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(fused.encode_image(images), model.encode_image(images))   # CPU: the plain ops
