@@ -1,6 +1,6 @@
-"""bench.py: the CPU smoke run covers every case with finite numbers, and its official-equivalent
-path is a faithful twin of OpenAI's CLIP (checked against coop_min.clip, itself tested against an
-independent re-implementation of OpenAI's model.py in test_clip.py)."""
+"""bench.py and benchmarks/: the CPU smoke run covers every case with finite numbers, and the
+official-equivalent path is a faithful twin of OpenAI's CLIP (checked against coop_min.clip, itself
+tested against an independent re-implementation of OpenAI's model.py in test_clip.py)."""
 import importlib.util
 import json
 import math
@@ -13,10 +13,13 @@ import pytest
 import torch
 from torch import nn
 
-from coop_min.clip import CLIP, CLIPConfig
+from coop_min.clip import CLIP, CLIPConfig, LayerNorm, QuickGELU
 from coop_min.tokenizer import tokenize
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # benchmarks/ is a folder beside bench.py, not an installed package
+from benchmarks import cost, memory, methods, official, timing  # noqa: E402
+
 _spec = importlib.util.spec_from_file_location("bench", ROOT / "bench.py")
 bench = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(bench)
@@ -58,7 +61,7 @@ def _tiny(kind, seed=0):
     ours = CLIP(TINY[kind]).eval().requires_grad_(False)
     for p in ours.parameters():  # OpenAI's init leaves biases and LayerNorm at 0/1: test them too
         p.add_(0.02 * torch.randn_like(p))
-    return ours, bench.build_official_clip(ours.state_dict(), TINY[kind], torch.float32, "cpu")
+    return ours, official.build_official_clip(ours.state_dict(), TINY[kind], torch.float32, "cpu")
 
 
 def _assert_close(actual, expected, tol=1e-5):
@@ -67,27 +70,27 @@ def _assert_close(actual, expected, tol=1e-5):
 
 
 def test_official_text_encoder_matches_clip_on_full_sequences():
-    ours, official = _tiny("vit")
+    ours, theirs = _tiny("vit")
     tokens = tokenize(["X X X X red car.", "X X X X a very old stone bridge.", "X X X X x."])
     x = ours.token_embedding(tokens) + 0.1 * torch.randn(3, 77, 64)  # as if ctx replaced positions 1..4
-    want = ours.encode_text_embeddings(x, tokens.argmax(-1), truncate=False)
-    _assert_close(bench.official_encode_text(official, x, tokens), want)
+    want = ours.encode_text_embeddings(x, tokens.argmax(-1))
+    _assert_close(official.official_encode_text(theirs, x, tokens), want)
 
 
 @pytest.mark.parametrize("kind", ["vit", "rn"])
 def test_official_image_encoder_matches_clip(kind):
-    ours, official = _tiny(kind, seed=1)
+    ours, theirs = _tiny(kind, seed=1)
     r = TINY[kind].image_resolution
     images = torch.randn(3, 3, r, r)
-    _assert_close(official.visual(images), ours.encode_image(images))
+    _assert_close(theirs.visual(images), ours.encode_image(images))
 
 
 def test_official_fp16_conversion_follows_openai_convert_weights():
-    _, official = _tiny("rn")
-    bench._convert_weights(official)
-    half = {n for n, p in official.named_parameters() if p.dtype == torch.float16}
-    for n, p in official.named_parameters():  # OpenAI: only conv/linear/attention weights and projections
-        m = official.get_submodule(n.rsplit(".", 1)[0]) if "." in n else official
+    _, clip = _tiny("rn")
+    official.convert_weights(clip)
+    half = {n for n, p in clip.named_parameters() if p.dtype == torch.float16}
+    for n, p in clip.named_parameters():  # OpenAI: only conv/linear/attention weights and projections
+        m = clip.get_submodule(n.rsplit(".", 1)[0]) if "." in n else clip
         expected = isinstance(m, (nn.Conv2d, nn.Linear, nn.MultiheadAttention)) or n == "text_projection"
         assert (n in half) == expected, n
     for n in ("token_embedding.weight", "positional_embedding", "ln_final.weight", "logit_scale",
@@ -125,16 +128,16 @@ def test_json_that_exists_or_cannot_be_written_is_refused_before_the_run(tmp_pat
 
 def test_gradient_check_catches_a_bug_the_loss_misses(monkeypatch):
     """ours with its labels off by one: at random init the loss barely moves, the context gradient does."""
-    from coop_min import prompts
+    from coop_min import fast
 
-    args = bench._parse(["--device", "cpu", "--smoke", "--cases", "coop-vit_tiny-c8"])
+    settings = bench.parse_args(["--device", "cpu", "--smoke", "--cases", "coop-vit_tiny-c8"]).settings
     case, device = bench.Case("coop-c300", "coop", "vit_tiny", 300, 4, 16, repeats=1), torch.device("cpu")
-    models = bench._Models(case.arch, device, args)
-    honest = bench._summarise(case, bench._train_case(case, models, device, args))
+    models = methods.Models(case.arch, device, settings)
+    honest = bench.summarise(case, methods.train_methods(case, models, device, settings))
     assert honest["match"] and honest["grad_rel_diff"] < 1e-4          # fp32 on CPU: the same function
-    loss = prompts.PromptedCLIP.loss
-    monkeypatch.setattr(prompts.PromptedCLIP, "loss", lambda self, x, y, **k: loss(self, x, y.roll(1), **k))
-    broken = bench._summarise(case, bench._train_case(case, models, device, args))
+    loss = fast.FastPromptedCLIP.loss
+    monkeypatch.setattr(fast.FastPromptedCLIP, "loss", lambda self, x, y, **k: loss(self, x, y.roll(1), **k))
+    broken = bench.summarise(case, methods.train_methods(case, models, device, settings))
     assert broken["loss_rel_diff"] < bench.TOLERANCE                  # the loss alone would pass it
     assert broken["grad_rel_diff"] > bench.GRAD_TOLERANCE and not broken["match"]
     assert all("grad" not in m for m in broken["methods"].values())   # no tensors left for the JSON
@@ -146,7 +149,7 @@ def test_cpu_peak_is_the_most_bytes_held_at_once_inside_and_outside_the_image_en
             scratch = torch.empty(n, dtype=torch.uint8)  # freed on return
             return torch.empty(n // 4, dtype=torch.uint8)
     encoder = Encoder()
-    bench._mark_image_encoder(encoder)
+    memory.mark_image_encoder(encoder)
 
     def fn():
         a = torch.empty(1 << 20, dtype=torch.uint8)
@@ -155,26 +158,28 @@ def test_cpu_peak_is_the_most_bytes_held_at_once_inside_and_outside_the_image_en
         f = encoder(4 << 20)                            # 2 + 4 + 1 MiB held inside, 3 MiB after
         c = torch.empty(1 << 19, dtype=torch.uint8)     # 3.5 MiB
         return len(b) + len(c) + len(f)
-    peak, out = bench._cpu_peak_bytes(fn)
+    peak, out = memory.cpu_peak_bytes(fn)
     assert peak == {"image": 7 << 20, "text": 7 << 19} and out == (7 << 19)
 
 
 def test_memory_mode_extrapolates_the_text_depth_to_the_full_depth_peak(monkeypatch):
     """--memory models a step at text depth 1 and 2 and extrapolates: it must predict what the step
     at the full depth (6 text layers, and both image layers) is measured to take, weights included."""
-    monkeypatch.setitem(bench.ARCHS, "vit_deep", bench.CLIPConfig(32, 32, 2, 64, 16, 2, 77, 49408, 128, 2, 6))
-    args = bench._parse(["--device", "cpu", "--memory", "--smoke", "--cases", "coop"])
-    assert args.ours_dtype == args.official_dtype == torch.bfloat16 and all(c.kind == "coop" for c in args.selected)
+    monkeypatch.setitem(methods.ARCHS, "vit_deep", CLIPConfig(32, 32, 2, 64, 16, 2, 77, 49408, 128, 2, 6))
+    args = bench.parse_args(["--device", "cpu", "--memory", "--smoke", "--cases", "coop"])
+    settings = args.settings
+    assert settings.ours_dtype == settings.official_dtype == torch.bfloat16
+    assert all(c.kind == "coop" for c in args.selected)
     device = torch.device("cpu")
     for case in (bench.Case("coop", "coop", "vit_deep", 300, 4, 16, repeats=1),
                  bench.Case("cocoop", "cocoop", "vit_deep", 40, 3, 4, repeats=1)):
-        modeled = bench._memory_case(case, device, args)
-        models = bench._Models("vit_deep", device, args)
-        measured = bench._train_case(case, models, device, args, measure=bench._cpu_peak_bytes)
+        modeled = memory.train_peaks(case, device, settings)
+        models = methods.Models("vit_deep", device, settings)
+        measured = methods.train_methods(case, models, device, settings, measure=memory.cpu_peak_bytes)
         for name in ("official", "ours"):
-            full_gib = (max(measured[name]["record"].values()) + bench._nbytes(getattr(models, name))) / 2 ** 30
+            full_gib = (max(measured[name]["record"].values()) + timing.nbytes(getattr(models, name))) / 2 ** 30
             assert modeled[name]["peak_gib"] == pytest.approx(full_gib, rel=0.03), (case.kind, name)
-        record = bench._summarise(case, modeled)
+        record = bench.summarise(case, modeled)
         assert record["match"] and record["memory_ratio"] > 1.5      # 77-token prompts keep far more
 
 
@@ -187,7 +192,7 @@ def test_memory_mode_is_refused_on_a_gpu_or_with_distributed():
 
 def test_op_cost_counts_flops_bytes_and_ops_by_hand():
     a, b, c = torch.randn(8, 16), torch.randn(16, 4), torch.randn(8, 4)
-    record, out = bench._op_cost(lambda: (a @ b + c).t())                # .t() is a view: not an op
+    record, out = cost.op_cost(lambda: (a @ b + c).t())                # .t() is a view: not an op
     assert torch.allclose(out, (a @ b + c).t())
     assert record["flops"] == 2 * 8 * 16 * 4 and record["ops"] == 2
     assert record["mm_bytes"] == 4 * (8 * 16 + 16 * 4 + 8 * 4)              # reads a and b, writes a @ b
@@ -195,10 +200,8 @@ def test_op_cost_counts_flops_bytes_and_ops_by_hand():
 
 
 def test_op_cost_counts_quick_gelu_apart_and_the_fused_kernel_in_its_place():
-    from coop_min.clip import QuickGELU
-
     gelu, x = QuickGELU(), torch.randn(64, dtype=torch.bfloat16, requires_grad=True)
-    record, _ = bench._op_cost(lambda: gelu(x).float().sum().backward(), [gelu])
+    record, _ = cost.op_cost(lambda: gelu(x).float().sum().backward(), [gelu])
     # forward mul, sigmoid, mul; backward mul, sigmoid, mul, sigmoid_backward, mul_, mul, add_ (clip.QuickGELU)
     assert record["fusable_ops"] == 3 + 7
     assert record["fused_ops"] == 2 and record["fused_bytes"] == 2 * 64 * (2 + 3)  # x and y; x, grad and dx
@@ -206,17 +209,17 @@ def test_op_cost_counts_quick_gelu_apart_and_the_fused_kernel_in_its_place():
 
 
 def test_cost_mode_extrapolates_both_depths_to_the_full_model_exactly(monkeypatch):
-    monkeypatch.setitem(bench.ARCHS, "vit_deep", bench.CLIPConfig(32, 32, 3, 64, 16, 2, 77, 49408, 64, 2, 4))
-    args = bench._parse(["--device", "cpu", "--cost", "--smoke", "--cases", "coop"])
+    monkeypatch.setitem(methods.ARCHS, "vit_deep", CLIPConfig(32, 32, 3, 64, 16, 2, 77, 49408, 64, 2, 4))
+    settings = bench.parse_args(["--device", "cpu", "--cost", "--smoke", "--cases", "coop"]).settings
     device = torch.device("cpu")
     for case in (bench.Case("coop", "coop", "vit_deep", 30, 4, 16, repeats=1),
                  bench.Case("zeroshot", "zeroshot", "vit_deep", 10, 4, repeats=1)):
-        modeled = bench._cost_case(case, device, args)
-        models = bench._Models("vit_deep", device, args)                    # the full depths: 4 text, 3 image layers
-        fusable = [m for m in models.ours.modules() if isinstance(m, (bench.LayerNorm, bench.QuickGELU))]
-        measure = lambda step: bench._op_cost(step, fusable)  # noqa: E731
-        direct = (bench._zeroshot_case if case.kind == "zeroshot" else bench._train_case)(case, models, device, args,
-                                                                                           measure)
+        modeled = cost.step_costs(case, device, settings)
+        models = methods.Models("vit_deep", device, settings)               # the full depths: 4 text, 3 image layers
+        fusable = [m for m in models.ours.modules() if isinstance(m, (LayerNorm, QuickGELU))]
+        measure = lambda step: cost.op_cost(step, fusable)  # noqa: E731
+        direct = (methods.zeroshot_methods if case.kind == "zeroshot" else methods.train_methods)(
+            case, models, device, settings, measure)
         for name in ("official", "ours"):
             got, want = modeled[name]["record"], direct[name]["record"]
             assert {k: got[k] for k in want} == dict(want), (case.kind, name)

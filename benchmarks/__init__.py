@@ -1,0 +1,4 @@
+"""bench.py's parts, one concern a module: the official compute path re-created (official), timing
+and peak memory (timing), the methods each case compares (methods), the CPU models of a step's GPU
+memory (memory) and GPU work (cost), and data-parallel CoOp (scaling). A folder beside bench.py,
+not installed: run bench.py from the repository."""

@@ -1,0 +1,262 @@
+"""The methods each bench.py case compares, built as steps for timing.run_method.
+
+Both paths start from the same random-init CLIP weights, inputs, class names, initial context and
+Meta-Net:
+- official: benchmarks/official.py in fp16 (fp32 on CPU), and no torch.no_grad around the frozen
+  image encoder (its parameters do not require grad).
+- ours: coop_min.fast.FastPromptedCLIP on a bf16 CLIP with fp32 LayerNorm (fp32 on CPU), fp32
+  context and Meta-Net, the image encoder under no_grad, EOT truncation, batched CoCoOp and the fused
+  cosine_ce head; where Triton runs, the fused LayerNorm and QuickGELU kernels in the frozen CLIP
+  (`fast.fused_elementwise`); shared prefixes and length buckets when Settings asks for them.
+- graph (CUDA): for train steps, ours with the whole step (forward, backward, SGD update) captured
+  once as a CUDA graph and replayed (coop_min/cuda_graph.py), with prompts in length buckets as
+  train.py --cuda-graph has them; for the head, the fused forward and backward replayed.
+- compile: zero-shot ours with the image encoder under torch.compile instead of the elementwise
+  kernels; for the head, torch.compile of the kernel's eager twin. The compile itself is not timed.
+Left out of both paths: the batch's host-to-device copy and the loops' bookkeeping (Dassl's per-step
+NaN check and accuracy, our loop's accuracy count and finite check).
+"""
+import random
+from dataclasses import dataclass, replace
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks import official
+from benchmarks.timing import graphed, nbytes, run_method
+from coop_min.clip import CLIP, CLIPConfig, convert_dtype
+from coop_min.cuda_graph import TrainStep
+from coop_min.fast import FastConfig, FastPromptedCLIP, encode_text, fused_elementwise
+from coop_min.kernels.cosine_ce import cosine_ce, cosine_ce_reference, cosine_logits
+from coop_min.prompts import CoCoOpPromptLearner, CoOpPromptLearner, PromptConfig
+from coop_min.tokenizer import tokenize
+
+LR, MOMENTUM, WEIGHT_DECAY = 0.002, 0.9, 5e-4  # Dassl SGD as configured by CoOp/CoCoOp
+
+ARCHS = {"vit_b16": CLIPConfig(512, 224, 12, 768, 16, 12, 77, 49408, 512, 8, 12),
+         "rn50": CLIPConfig(1024, 224, (3, 4, 6, 3), 64, None, 32, 77, 49408, 512, 8, 12),
+         "vit_tiny": CLIPConfig(32, 32, 2, 64, 16, 2, 77, 49408, 64, 2, 2),
+         "rn_tiny": CLIPConfig(32, 64, (1, 1, 1, 1), 8, None, 2, 77, 49408, 64, 2, 2)}
+_WORDS = ("cat dog bird fish horse car truck plane ship red blue green black white small large old young wild "
+          "house tree flower rose tulip lake river mountain beach forest desert road bridge tower castle church "
+          "train bus boat bike apple orange banana lemon bread cake pizza coffee tea chair table lamp clock phone "
+          "book").split()  # one BPE token each
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How the methods run; bench.py's command line fills it."""
+    official_dtype: torch.dtype = torch.float32   # fp16 on CUDA, as OpenAI's weights; bf16 in the CPU models
+    ours_dtype: torch.dtype = torch.float32       # bf16 on CUDA and in the CPU models
+    warmup: int = 3                               # warm-up steps per method
+    fused_elementwise: bool = True                # ours: kernels/elementwise.py in the frozen CLIP
+    shared_prefix: bool = False                   # ours: FastConfig.shared_prefix
+    length_buckets: bool = False                  # ours' eager steps too (graph always has them)
+    cuda_graph: bool = False                      # also the "graph" method (CUDA only)
+    compile: bool = False                         # also the "compile" method
+
+
+def classnames(n, seed=0):
+    """n real-looking class names of 1-6 tokens each."""
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(_WORDS) for _ in range(rng.randint(1, 6))) for _ in range(n)]
+
+
+def shallow(config, text_layers, vision_layers=1):
+    """The same CLIP with text_layers text layers and, for a ViT, vision_layers image layers."""
+    vision = vision_layers if config.is_vit else config.vision_layers
+    return replace(config, text_layers=text_layers, vision_layers=vision)
+
+
+class Models:
+    """One architecture's frozen CLIP in both forms, built once from one random-init state dict;
+    text_layers (the CPU models): that text depth and vision_layers ViT layers instead."""
+
+    def __init__(self, arch, device, settings: Settings, text_layers=None, vision_layers=1):
+        self.arch, self.config = arch, ARCHS[arch]
+        if text_layers is not None:
+            self.config = shallow(self.config, text_layers, vision_layers)
+        torch.manual_seed(0)
+        clip = CLIP(self.config).eval().requires_grad_(False)            # fp32, CPU, OpenAI's init
+        self.official = official.build_official_clip(clip.state_dict(), self.config, settings.official_dtype, device)
+        self.ours = convert_dtype(clip.to(device), settings.ours_dtype)  # LayerNorm stays fp32
+        self.official_bytes, self.ours_bytes = nbytes(self.official), nbytes(self.ours)
+
+
+def sgd_step(loss_fn, params):
+    """One training step as the official trainer does it: forward, zero_grad, backward, SGD step."""
+    optimizer = torch.optim.SGD(params, lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+
+    def step():
+        loss = loss_fn()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        return loss.detach()
+    return step
+
+
+# ----------------------------------------------------------------------------------------------
+# train steps: CoOp and CoCoOp
+
+
+@dataclass
+class _TrainInputs:
+    images: torch.Tensor       # (B, 3, H, W)
+    labels: torch.Tensor       # (B,)
+    names: list                # class names
+    ctx: torch.Tensor          # (M, W) fp32, N(0, 0.02)
+    meta_state: dict | None    # CoCoOp: the Meta-Net's initial state
+
+
+def _train_inputs(case, config, device):
+    g = torch.Generator().manual_seed(1)
+    torch.manual_seed(1)                                      # the Meta-Net's default init
+    r = config.image_resolution
+    images = torch.randn(case.batch, 3, r, r, generator=g).to(device)
+    labels = torch.randint(0, case.classes, (case.batch,), generator=g).to(device)
+    ctx = (torch.randn(case.n_ctx, config.text_width, generator=g) * 0.02).to(device)
+    meta = official.meta_net(config.embed_dim, config.text_width).state_dict() if case.kind == "cocoop" else None
+    return _TrainInputs(images, labels, classnames(case.classes), ctx, meta)
+
+
+def _official_train_step(models, inputs):
+    meta = None
+    if inputs.meta_state is not None:
+        meta = official.meta_net(models.config.embed_dim, models.config.text_width)
+        meta.load_state_dict(inputs.meta_state)
+    learner = official.OfficialPromptLearner(models.official, inputs.names, inputs.ctx, meta)
+    loss = official.coop_loss if meta is None else official.cocoop_loss
+    step = sgd_step(partial(loss, models.official, learner, inputs.images, inputs.labels), list(learner.parameters()))
+    step.ctx = learner.ctx
+    return step
+
+
+def _ours_model(models, case, inputs, config: FastConfig):
+    learner_cls = CoCoOpPromptLearner if case.kind == "cocoop" else CoOpPromptLearner
+    learner = learner_cls(models.ours, inputs.names, PromptConfig(method=case.kind, n_ctx=case.n_ctx, ctx_init=""))
+    with torch.no_grad():
+        learner.ctx.copy_(inputs.ctx)
+    if inputs.meta_state is not None:
+        learner.meta_net.load_state_dict(inputs.meta_state)
+    return FastPromptedCLIP(models.ours, learner, config).train()
+
+
+def _ours_train_step(models, case, inputs, settings, cuda_graph=False):
+    config = FastConfig(fused_elementwise=settings.fused_elementwise, shared_prefix=settings.shared_prefix,
+                        length_buckets=settings.length_buckets or cuda_graph)   # as train.py --cuda-graph
+    model = _ours_model(models, case, inputs, config)
+    if not cuda_graph:
+        step = sgd_step(partial(model.loss, inputs.images, inputs.labels), model.trainable_parameters())
+    else:
+        optimizer = torch.optim.SGD(model.trainable_parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+        train_step = TrainStep(lambda x, y: (model.loss(x, y),), optimizer, cuda_graph=True)  # 2 eager warm-ups
+
+        def step():
+            return train_step(inputs.images, inputs.labels)[0]
+    step.ctx = model.learner.ctx
+    return step
+
+
+def train_methods(case, models, device, settings: Settings, measure=None):
+    """CoOp or CoCoOp train steps (one SGD step per call), from the same context (and Meta-Net) for
+    both paths: {method: timing.run_method's result}. measure: see run_method."""
+    inputs = _train_inputs(case, models.config, device)
+    methods = {
+        "official": run_method(partial(_official_train_step, models, inputs), device, settings.warmup, case.repeats,
+                               models.official_bytes, measure=measure),
+        "ours": run_method(partial(_ours_train_step, models, case, inputs, settings), device, settings.warmup,
+                           case.repeats, models.ours_bytes, measure=measure)}
+    if settings.cuda_graph and measure is None:
+        methods["graph"] = run_method(partial(_ours_train_step, models, case, inputs, settings, cuda_graph=True),
+                                      device, max(settings.warmup, 3), case.repeats, models.ours_bytes)
+    return methods
+
+
+# ----------------------------------------------------------------------------------------------
+# zero-shot evaluation and the head alone
+
+
+def _official_zeroshot_step(clip, images, tokens):
+    """ZeroshotCLIP: the fp16 CLIP, normalised text features computed once."""
+    with torch.no_grad():
+        t = official.official_encode_text(clip, clip.token_embedding(tokens).type(clip.dtype), tokens)
+        t = t / t.norm(dim=-1, keepdim=True)
+
+    @torch.no_grad()
+    def step():
+        f = clip.visual(images.type(clip.dtype))
+        f = f / f.norm(dim=-1, keepdim=True)
+        return clip.logit_scale.exp() * f @ t.t()
+    return step
+
+
+def _ours_zeroshot_step(clip, images, tokens, compiled=False):
+    """Ours: text features computed once; the image encoder as given, or under torch.compile."""
+    encode = clip.encode_image
+    if compiled:
+        visual = torch.compile(clip.visual, dynamic=False)
+
+        def encode(x):
+            return visual(x.to(clip.dtype))
+    with torch.no_grad():
+        t, scale = encode_text(clip, tokens), clip.logit_scale.float().exp()
+
+    @torch.inference_mode()
+    def step():
+        return cosine_logits(encode(images), t, scale)
+    return step
+
+
+def zeroshot_methods(case, models, device, settings: Settings, measure=None):
+    """Evaluation: the frozen image encoder at batch B and a classifier of precomputed text features."""
+    g = torch.Generator().manual_seed(2)
+    r = models.config.image_resolution
+    images = torch.randn(case.batch, 3, r, r, generator=g).to(device)
+    labels = torch.randint(0, case.classes, (case.batch,), generator=g).to(device)
+    tokens = tokenize([f"a photo of a {n}." for n in classnames(case.classes)]).to(device)
+    ours = fused_elementwise(models.ours) if settings.fused_elementwise else models.ours
+
+    def to_loss(logits):
+        return F.cross_entropy(logits.float(), labels)
+
+    def run(make_step, weight_bytes):
+        return run_method(make_step, device, settings.warmup, case.repeats, weight_bytes, to_loss, measure)
+    methods = {"official": run(partial(_official_zeroshot_step, models.official, images, tokens), models.official_bytes),
+               "ours": run(partial(_ours_zeroshot_step, ours, images, tokens), models.ours_bytes)}
+    if settings.compile and measure is None:   # inductor fuses LayerNorm's casts and QuickGELU too, and more
+        methods["compile"] = run(partial(_ours_zeroshot_step, models.ours, images, tokens, compiled=True),
+                                 models.ours_bytes)
+    return methods
+
+
+def head_methods(case, device, settings: Settings, copy_gbps):
+    """The head alone, forward and backward: fused kernel, its eager twin, torch.compile of the twin;
+    each with its achieved GB/s and that as a fraction of copy_gbps (the device's copy bandwidth)."""
+    g = torch.Generator().manual_seed(3)
+    B, C, D = case.batch, case.classes, case.dim
+    f = torch.randn(B, D, generator=g).to(device, settings.ours_dtype).requires_grad_()
+    t = torch.randn(*((B,) if case.per_image else ()), C, D, generator=g).to(device, settings.ours_dtype)
+    t.requires_grad_()
+    scale, labels = torch.tensor(100.0, device=device), torch.randint(0, C, (B,), generator=g).to(device)
+    heads = {"fused": cosine_ce, "eager": cosine_ce_reference}
+    if settings.compile:
+        heads["compile"] = torch.compile(cosine_ce_reference, dynamic=False)
+
+    def make(head):
+        def step():
+            loss = head(f, t, scale, labels)
+            torch.autograd.grad(loss, (f, t))
+            return loss.detach()
+        return lambda: step
+
+    out = {name: run_method(make(head), device, settings.warmup, case.repeats) for name, head in heads.items()}
+    if settings.cuda_graph:                    # the kernels' own time: no Python, launch or sync gaps
+        out["graph"] = run_method(lambda: graphed(make(cosine_ce)()), device, settings.warmup, case.repeats)
+    moved = 2 * (f.numel() + t.numel()) * f.element_size()   # f, t read once; df, dt written once
+    for r in out.values():
+        if "ms" in r:
+            r["gbps"] = moved / (r["ms"] * 1e-3) / 1e9
+            r["bandwidth_fraction"] = r["gbps"] / copy_gbps
+    return out
