@@ -26,8 +26,15 @@ Where we differ on purpose: folder listings are sorted (the official `os.listdir
 the filesystem, so its few-shot draws on ImageNet are not reproducible across machines).
 
 Files listed by a split file are checked up front (all of them: one stat each, as Dassl's Datum
-does); files found by listing folders exist by construction and are not stat'ed again. Every bad
-input raises ValueError with one line naming the value and the fix.
+does); one that is a folder, a broken link or missing fails with its path, what it is, and the split
+file that listed it. Folder listings keep regular files only (a folder or a broken link named x.jpg
+is not an image), so they exist by construction and are not stat'ed again. Every bad input raises
+ValueError with one line naming the value and the fix.
+
+Image contents are checked in two steps. `check_images` reads each file's header before training (a
+file PIL cannot identify fails then, not at the test after training, or with --skip-bad-images is
+dropped and counted); ImageDataset decodes the pixels and catches what only decoding finds (a
+truncated file), raising or, with skip_bad, skipping and counting it.
 """
 import json
 import math
@@ -38,6 +45,7 @@ import warnings
 from dataclasses import dataclass, replace
 
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from coop_min.transforms import load_image  # PIL.Image, or ValueError naming the file
@@ -319,14 +327,19 @@ def _subdirs(d):
 
 
 def _list_classes(image_dir, folders, classnames):
+    """Every regular file of each class folder, as the official readers (any name, not only images)."""
     return [Datum(os.path.join(image_dir, folder, f), label, classnames[label])
-            for label, folder in enumerate(folders)
-            for f in sorted(f for f in os.listdir(os.path.join(image_dir, folder)) if not f.startswith("."))]
+            for label, folder in enumerate(folders) for f in _files(os.path.join(image_dir, folder))]
 
 
 def _image_files(d):
-    return sorted(os.path.join(d, f) for f in os.listdir(d)
-                  if not f.startswith(".") and f.lower().endswith(_IMAGE_EXTENSIONS))
+    return [os.path.join(d, f) for f in _files(d) if f.lower().endswith(_IMAGE_EXTENSIONS)]
+
+
+def _files(d):
+    """Sorted names of the regular files in `d`, hidden ones left out. A folder or a broken link named
+    like an image is not one (is_file follows links, and costs a stat only for links)."""
+    return sorted(e.name for e in os.scandir(d) if not e.name.startswith(".") and e.is_file())
 
 
 def _classnames(items, source):
@@ -343,8 +356,17 @@ def _classnames(items, source):
 def _check_files(items, source):
     missing = [d.path for d in items if not os.path.isfile(d.path)]
     if missing:
-        raise ValueError(f"{len(missing)} of {len(items)} images listed in {source} are missing, "
-                         f"first: {missing[0]}; check that --data points at the complete dataset")
+        raise ValueError(f"{len(missing)} of {len(items)} images listed in {source} are missing or not files, "
+                         f"first: {missing[0]} ({_not_a_file(missing[0])}); "
+                         "check that --data points at the complete dataset")
+
+
+def _not_a_file(path):
+    if os.path.isdir(path):
+        return "a folder"
+    if os.path.exists(path):
+        return "not a regular file"
+    return "a broken link" if os.path.islink(path) else "not found"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -423,6 +445,37 @@ def load_split(path, root=None) -> DatasetSplits:
 
 # ----------------------------------------------------------------------------------------------
 # loading images
+
+
+def check_images(items, skip_bad=False):
+    """Open every item's image file and read its header only (format, mode, size; no pixels decoded,
+    each file closed), so that a file PIL cannot identify fails before training, not at the test after
+    it. Returns (the items whose header reads, [(path, reason), ...] for the others), in item order.
+
+    skip_bad=False and any bad file: ValueError, one line naming the first bad file, the number of bad
+    files and the fix. A file whose header reads but whose pixels are corrupt (a truncated JPEG) passes
+    here and is caught when ImageDataset decodes it: it raises, or with skip_bad is skipped and counted."""
+    good, bad = [], []
+    for d in items:
+        reason = _header_error(d.path)
+        if reason is None:
+            good.append(d)
+        else:
+            bad.append((d.path, reason))
+    if bad and not skip_bad:
+        raise ValueError(f"{len(bad)} of {len(items)} images cannot be read, first: {bad[0][1]}; "
+                         "remove them, or pass --skip-bad-images to skip and count them")
+    return good, bad
+
+
+def _header_error(path):
+    """None if PIL reads the header of the image at `path`, else a one-line reason naming the file."""
+    try:
+        with Image.open(path):  # parses the header only; the pixels are decoded by load_image
+            return None
+    except Exception as e:  # OSError (missing, unidentified, truncated header), SyntaxError, ValueError, ...
+        reason = " ".join((getattr(e, "strerror", None) or str(e) or type(e).__name__).split())  # as load_image
+        return f"cannot read image {path}: {reason}"
 
 
 class ImageDataset(Dataset):

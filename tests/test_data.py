@@ -251,6 +251,44 @@ def test_missing_images_named_and_counted(tmp_path):
         D.load_dataset(str(tmp_path))
 
 
+def _image_impostors(class_dir):
+    """A folder and a broken link named like images, in a class folder: neither is an image."""
+    os.makedirs(os.path.join(class_dir, "sub.jpg"))
+    _image(os.path.join(class_dir, "sub.jpg", "inner.jpg"))
+    os.symlink(os.path.join(class_dir, "gone.jpg"), os.path.join(class_dir, "dead.JPEG"))
+
+
+def test_folders_and_broken_links_named_like_images_are_not_listed(tmp_path):
+    make_imagefolder(str(tmp_path / "pets"), n=10)
+    _image_impostors(str(tmp_path / "pets" / "cat"))
+    s = D.load_dataset(str(tmp_path / "pets"), "imagefolder")
+    assert (len(s.train), len(s.val), len(s.test)) == (15, 6, 9)
+    assert all(os.path.isfile(x.path) and not os.path.islink(x.path) for x in s.train + s.val + s.test)
+    D.save_split(str(tmp_path / "split.json"), s)  # the run's own split file reloads: it lists only files
+    assert D.load_split(str(tmp_path / "split.json")) == s
+    make_imagenet(str(tmp_path / "imagenet"))
+    for split in ("train", "val"):
+        _image_impostors(str(tmp_path / "imagenet" / "images" / split / WNIDS[0]))
+    s = D.load_dataset(str(tmp_path / "imagenet"))
+    assert (len(s.train), len(s.test)) == (15, 10) and all(os.path.isfile(x.path) for x in s.train + s.test)
+
+
+@pytest.mark.parametrize("bad,what", [("folder", "a folder"), ("link", "a broken link"), ("gone", "not found")])
+def test_split_file_path_that_is_no_file_is_named_with_its_split_file(tmp_path, bad, what):
+    make_split_file_dataset(str(tmp_path), "DescribableTextures", "images", ["banded", "dotted"])
+    path = tmp_path / "images" / "dotted" / "val_1.jpg"
+    os.remove(path)
+    if bad == "folder":
+        path.mkdir()
+    elif bad == "link":
+        path.symlink_to(tmp_path / "elsewhere.jpg")
+    with pytest.raises(ValueError) as e:
+        D.load_dataset(str(tmp_path))
+    msg = str(e.value)
+    assert "\n" not in msg and f"listed in {tmp_path / 'split_zhou_DescribableTextures.json'}" in msg
+    assert f"first: {path} ({what});" in msg
+
+
 def test_two_split_files_and_classnames_missing(tmp_path):
     make_split_file_dataset(str(tmp_path / "x"), "A", "images", ["a"])
     make_split_file_dataset(str(tmp_path / "x"), "B", "images", ["a"])
@@ -393,6 +431,50 @@ def test_decoded_cache_survives_file_removal_and_keeps_bad_files_visible(tmp_pat
     skipping = D.ImageDataset(items, _eval_tf, cache_decoded=True, skip_bad=True)
     loader = D.make_loader(skipping, 3)
     assert [y.tolist() for _, y in loader] == [[0, 2]] and loader.skipped == [items[1].path]
+
+
+def _bad_files(tmp_path):
+    """Paths a split can list that PIL cannot open: garbage bytes, an empty file, a folder, nothing."""
+    garbage, empty, folder = tmp_path / "garbage.jpg", tmp_path / "empty.png", tmp_path / "folder.jpg"
+    garbage.write_bytes(b"not an image")
+    empty.write_bytes(b"")
+    folder.mkdir()
+    return [str(p) for p in (garbage, empty, folder, tmp_path / "gone.jpg")]
+
+
+def test_check_images_raises_one_line_naming_the_first_and_the_count(tmp_path):
+    items = _folder_items(tmp_path, 6)
+    bad_paths = _bad_files(tmp_path)
+    mixed = items[:2] + [D.Datum(p, 0, "c") for p in bad_paths] + items[2:]
+    assert D.check_images(items) == (items, [])
+    with pytest.raises(ValueError) as e:
+        D.check_images(mixed)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(f"4 of 10 images cannot be read, first: cannot read image {bad_paths[0]}: ")
+    assert msg.endswith("; remove them, or pass --skip-bad-images to skip and count them")
+    good, bad = D.check_images(mixed, skip_bad=True)
+    assert good == items and [p for p, _ in bad] == bad_paths
+    assert all(reason.startswith(f"cannot read image {p}: ") and "\n" not in reason for p, reason in bad)
+
+
+def test_check_images_reads_headers_only_and_decode_errors_stay_with_the_dataset(tmp_path, monkeypatch):
+    items = _folder_items(tmp_path, 3)
+    truncated = str(tmp_path / "truncated.png")  # a valid header, then half the pixel data
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(truncated)
+    data = open(truncated, "rb").read()
+    open(truncated, "wb").write(data[:len(data) // 2])
+    items.insert(1, D.Datum(truncated, 1, "c"))
+
+    def no_decoding(self):
+        raise AssertionError("check_images decoded pixels")
+    with monkeypatch.context() as m:
+        m.setattr(Image.Image, "load", no_decoding)
+        m.setattr(Image.Image, "convert", no_decoding)
+        assert D.check_images(items) == (items, [])
+    with pytest.raises(ValueError, match="truncated.png.*; remove it or pass --skip-bad-images$"):
+        list(D.make_loader(D.ImageDataset(items, _eval_tf), 4))
+    loader = D.make_loader(D.ImageDataset(items, _eval_tf, skip_bad=True), 4)
+    assert [y.tolist() for _, y in loader] == [[0, 1, 2]] and loader.skipped == [truncated]
 
 
 def test_real_transforms_plug_in(tmp_path):
