@@ -35,7 +35,12 @@ from coop_min.kernels import elementwise
 from coop_min.kernels.cosine_ce import cosine_ce, cosine_logits, cosine_logits_reference, use_triton
 from coop_min.prompts import PromptedCLIP
 
-MIN_BUCKET = 256   # prompts per length bucket at least: fewer, and each chunk's launches cost more than it saves
+# What one more length bucket costs, in tokens of text-encoder work (bucket_cuts trades it against
+# padding): a chunk runs every text layer's kernels once more, forward and backward, a few hundred
+# launches; replayed from a CUDA graph (where buckets are on by default: train.py --cuda-graph) each
+# costs about a microsecond of GPU time whatever its size, about what a token costs through the layers.
+CHUNK_COST = 512
+MIN_BUCKET = CHUNK_COST   # the name FastPromptedCLIP._chunks passes
 
 
 @dataclass(frozen=True)
@@ -152,18 +157,28 @@ def encode_text_prefixed(clip, prefix, suffix, eot, group=None, length=None, kvs
 # length buckets
 
 
-def bucket_cuts(eots, max_per_chunk, min_bucket=MIN_BUCKET):
+def bucket_cuts(eots, max_per_chunk, chunk_cost=CHUNK_COST):
     """Chunks of prompts with EOT positions `eots` (host ints), sorted by length: [(their indices,
-    padded length)]. A chunk ends where the length grows once it holds min_bucket prompts (and
-    min_bucket remain), and at max_per_chunk prompts."""
+    padded length)], at most max_per_chunk prompts each, with the least padded tokens + chunk_cost
+    per chunk.
+
+    Exact: a chunk that ends inside a run of equal lengths, not full, could take more of that run at
+    no cost to itself and with less for the next; so some best plan cuts only at run ends and after
+    full chunks, and a dynamic program over those cut points (from the back) finds it."""
     order = sorted(range(len(eots)), key=eots.__getitem__)
-    chunks, start = [], 0
-    for j in range(1, len(order) + 1):
-        at_end, size = j == len(order), j - start
-        longer = not at_end and eots[order[j]] > eots[order[j - 1]]
-        if at_end or size == max_per_chunk or (longer and size >= min_bucket and len(order) - j >= min_bucket):
-            chunks.append((order[start:j], eots[order[j - 1]] + 1))
-            start = j
+    n, pad = len(order), [eots[i] + 1 for i in order]           # a chunk ending at j pads to pad[j - 1]
+    ends = [j for j in range(1, n + 1) if j == n or pad[j] > pad[j - 1]]
+    starts = {b + k * max_per_chunk for b in (0, *ends) for k in range(n // max_per_chunk + 1)}
+    best = {n: (0, n)}                                           # start -> (cost from there, its chunk's end)
+    for a in sorted((s for s in starts if s < n), reverse=True):
+        stops = [j for j in ends if a < j <= a + max_per_chunk] + ([a + max_per_chunk] if a + max_per_chunk < n else [])
+        cost = {j: (j - a) * pad[j - 1] + chunk_cost + best[j][0] for j in stops}
+        j = min(reversed(stops), key=cost.get)                    # on a tie, the longer chunk
+        best[a] = cost[j], j
+    chunks, a = [], 0
+    while a < n:
+        chunks.append((order[a:best[a][1]], pad[best[a][1] - 1]))
+        a = best[a][1]
     return chunks
 
 
