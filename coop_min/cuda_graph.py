@@ -11,16 +11,57 @@ What capture needs, and how the fast path gives it:
 - no host reads of device values inside the step: EOT lengths are known on the host
   (the learner's `eot_list`, used by fast.py), the head skips its label check while capturing (checked on the host
   instead), the loss share of a data-parallel part is an input tensor;
-- fixed learning rates: the captured SGD update holds them as constants, so when a param group's lr
-  changes (Dassl's schedule: once per epoch) the step is captured again;
+- the learning rate on the device: torch.optim.SGD's update holds the lr as a constant, so a
+  captured step would have to be captured again whenever Dassl's schedule changes it (every epoch).
+  `SGD` below reads it from a device tensor instead, which the step fills before each replay, so
+  one capture serves the whole run; with another optimizer the step is re-captured when lr changes;
 - no CUDA calls from other threads counted against the capture: a DataLoader's pin-memory thread
   allocates pinned host memory whenever it prefetches, which the default "global" capture mode treats
   as an error (the capture fails, and the loader thread dies with it), so capture is "thread_local".
-The first `warmup` calls are ordinary eager steps on a side stream (they are real training steps;
-they also create the momentum buffers and let cuBLAS and Triton choose and compile their kernels).
-A replay runs the same kernels as an eager step, so the numbers are the same.
+The first `warmup` calls (at least one) are ordinary eager steps on a side stream (they are real
+training steps; they also create the momentum buffers, which a capture must never do, and let cuBLAS
+and Triton choose and compile their kernels). A replay runs the same kernels as an eager step, so
+the numbers are the same.
 """
 import torch
+
+
+class SGD(torch.optim.Optimizer):
+    """torch.optim.SGD (momentum, weight decay, dampening 0, no Nesterov) whose step reads the
+    learning rate from a device tensor, `lr_tensor`, filled from the param groups' lr by sync_lr().
+    Equal to torch.optim.SGD up to fp32 rounding (p - lr * buf where torch fuses p + (-lr) * buf)."""
+
+    def __init__(self, params, lr, momentum=0.0, weight_decay=0.0):
+        super().__init__(params, {"lr": lr, "momentum": momentum, "weight_decay": weight_decay, "dampening": 0.0})
+        device = self.param_groups[0]["params"][0].device
+        self.lr_tensor = torch.full((len(self.param_groups),), float(lr), device=device)   # fp32
+
+    def sync_lr(self):
+        """Copy each group's lr into lr_tensor: a device op, outside any captured graph."""
+        self.lr_tensor.copy_(torch.tensor([g["lr"] for g in self.param_groups]), non_blocking=True)
+
+    def has_momentum_buffers(self):
+        return all("momentum_buffer" in self.state[p] for g in self.param_groups for p in g["params"]
+                   if g["momentum"] != 0)
+
+    @torch.no_grad()
+    def step(self):
+        for i, group in enumerate(self.param_groups):
+            params = [p for p in group["params"] if p.grad is not None]
+            grads = [p.grad for p in params]
+            if group["weight_decay"] != 0:
+                grads = torch._foreach_add(grads, params, alpha=group["weight_decay"])
+            if group["momentum"] != 0:
+                bufs = []
+                for p, g in zip(params, grads):
+                    state = self.state[p]
+                    if "momentum_buffer" not in state:       # the first step: buf = d_p, as torch's
+                        state["momentum_buffer"] = torch.clone(g).detach()
+                    else:
+                        state["momentum_buffer"].mul_(group["momentum"]).add_(g)
+                    bufs.append(state["momentum_buffer"])
+                grads = bufs
+            torch._foreach_sub_(params, torch._foreach_mul(grads, self.lr_tensor[i]))
 
 
 class TrainStep:
@@ -31,10 +72,13 @@ class TrainStep:
 
     def __init__(self, forward, optimizer, cuda_graph=False, after_backward=None, warmup=2):
         self.forward, self.optimizer, self.after_backward = forward, optimizer, after_backward
-        self.cuda_graph, self.warmup = cuda_graph, warmup
+        self.cuda_graph, self.warmup = cuda_graph, max(warmup, 1)
+        self.device_lr = isinstance(optimizer, SGD)
         self.graph = self.static_inputs = self.static_outputs = self.lrs = None
 
     def _eager(self, inputs):
+        if self.device_lr:
+            self.optimizer.sync_lr()
         outputs = self.forward(*inputs)
         self.optimizer.zero_grad(set_to_none=True)
         outputs[0].backward()
@@ -57,9 +101,13 @@ class TrainStep:
         if self.static_inputs is not None and any(x.shape != s.shape or x.dtype != s.dtype
                                                   for x, s in zip(inputs, self.static_inputs)):
             return self._eager(inputs)                      # e.g. a batch that lost a skipped image
-        lrs = [group["lr"] for group in self.optimizer.param_groups]
+        if self.device_lr and not self.optimizer.has_momentum_buffers():
+            return self._eager(inputs)                      # a capture must not create them
+        lrs = None if self.device_lr else [group["lr"] for group in self.optimizer.param_groups]
         if self.graph is None or lrs != self.lrs:
             self._capture(inputs, lrs)
+        if self.device_lr:
+            self.optimizer.sync_lr()
         for static, x in zip(self.static_inputs, inputs):
             static.copy_(x, non_blocking=True)
         self.graph.replay()

@@ -12,6 +12,7 @@ after the last EOT) unless --reference-path asks for the plain computation; the 
 import argparse
 import os
 import sys
+import time
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 from coop_min import data as D
 from coop_min import distributed as dist
 from coop_min import fast, runs
+from coop_min.clip import convert_dtype
 from coop_min.files import write_json
 from coop_min.prompts import PromptedCLIP, load_prompt, nearest_words
 from coop_min.templates import templates_for
@@ -53,26 +55,33 @@ def harmonic_mean(base, new):
 
 
 @torch.no_grad()
-def extract_features(clip, loader, device):
-    """Unnormalised image features (N, D) in fp32 and labels (N,) of a whole loader."""
+def extract_features(clip, loader, device, say=None, every=20):
+    """Unnormalised image features (N, D) in fp32 and labels (N,) of a whole loader; with `say`, a
+    progress line every `every` batches when there are more than `every`."""
     feats = [torch.empty(0, clip.config.embed_dim, device=device)]
     labels = [torch.empty(0, dtype=torch.long)]
-    for images, y in loader:
+    t0, seen = time.monotonic(), 0
+    for i, (images, y) in enumerate(loader, start=1):
         if len(y):                           # a data-parallel part of a batch may be empty
             images = images.to(device, non_blocking=True)
             feats.append(clip.encode_image(images).float())
             labels.append(y)
+            seen += len(y)
+        if say is not None and len(loader) > every and (i % every == 0 or i == len(loader)):
+            rate = seen / max(time.monotonic() - t0, 1e-9)
+            say(f"image features: batch {i}/{len(loader)}, {rate:.0f} img/s, "
+                f"eta {(len(loader) - i) * seen / max(i, 1) / max(rate, 1e-9):.0f}s")
     return torch.cat(feats), torch.cat(labels).to(device)
 
 
-def split_features(clip, items, batch_size, device, workers=0, skip_bad=False, world=dist.World()):
+def split_features(clip, items, batch_size, device, workers=0, skip_bad=False, world=dist.World(), say=None):
     """Image features and labels of this process's part of `items` (all of them in one process)."""
     from coop_min.transforms import image_transform
 
     dataset = D.ImageDataset(items, image_transform(clip.visual.input_resolution), skip_bad=skip_bad)
     loader = D.make_loader(dataset, batch_size, shuffle=False, drop_last=False, num_workers=workers,
                            pin_memory=device.startswith("cuda"), rank=world.rank, world_size=world.size)
-    return extract_features(clip, loader, device)
+    return extract_features(clip, loader, device, say)
 
 
 @torch.no_grad()
@@ -130,11 +139,12 @@ def _prompt_file(path):
     return path
 
 
-def _interpret(model, k, log):
+def _interpret(model, embedding, k, log):
+    """The k nearest words of each context vector, against `embedding` (the checkpoint's fp32 values)."""
     from coop_min.tokenizer import token_string
 
     ctx = model.learner.ctx.detach()
-    ids, dist = nearest_words(ctx, model.clip.token_embedding, k)
+    ids, dist = nearest_words(ctx, embedding, k)
     ids, dist = ids.reshape(-1, ctx.shape[-2], k), dist.reshape(-1, ctx.shape[-2], k)
     for c in range(ids.shape[0]):
         if ids.shape[0] > 1:
@@ -166,7 +176,8 @@ def main(argv=None):
     p.error = lambda message: p.exit(2, f"{p.prog}: error: {message}; see --help\n")  # one line, no usage block
     p.add_argument("--data", help="dataset folder (as for training); default: the demo benchmark")
     p.add_argument("--dataset", default="auto", help="dataset name or auto (default auto)")
-    p.add_argument("--weights", help="CLIP safetensors (default: the bundled tiny demo CLIP)")
+    p.add_argument("--weights", help="CLIP: a safetensors file, an OpenAI name (ViT-B/16, ...) or hf-hub:ORG/NAME "
+                                     "(default: the run's with --prompt RUN_DIR, else the bundled tiny demo CLIP)")
     what = p.add_mutually_exclusive_group()
     what.add_argument("--prompt", help="a training run folder or a prompt.safetensors")
     what.add_argument("--zero-shot", action="store_true", help="hand-crafted prompts (the default without --prompt)")
@@ -197,19 +208,44 @@ def main(argv=None):
     if args.output and os.path.exists(args.output) and not os.path.isdir(args.output):
         p.error(f"--output {args.output} is a file, not a folder")
     try:
-        run(args)
+        if args.output:
+            runs.check_writable(args.output)
+        run(_from_run(args))
         dist.end_rank()                      # torchrun: see there
     except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         sys.exit(2)
+    except OSError as e:
+        print(f"error: {e.strerror or e} ({e.filename or 'an output file'})", file=sys.stderr)
+        sys.exit(2)
+    except SystemExit as e:
+        if isinstance(e.code, str):
+            print(e.code, file=sys.stderr)
+            sys.exit(2)
+        raise
     finally:
         dist.teardown()
+
+
+def _from_run(args):
+    """--prompt RUN_DIR: the weights, data, dataset and precision the run used, unless given."""
+    if not (args.prompt and os.path.isfile(os.path.join(args.prompt, "config.json"))):
+        return args
+    saved = runs.read_config(args.prompt)
+    for name in ("weights", "data", "precision"):
+        if getattr(args, name) is None and isinstance(saved.get(name), str):
+            setattr(args, name, saved[name])
+    if args.dataset == "auto" and args.data == saved.get("data") and isinstance(saved.get("dataset"), str):
+        args.dataset = saved["dataset"]
+    return args
 
 
 def run(args):
     world, device = dist.setup(args.device or runs.default_device())
     say = print if world.main else (lambda *a: None)
-    clip, clip_sha = runs.load_weights(args.weights, device, args.precision or runs.default_precision(device))
+    clip, clip_sha = runs.load_weights(args.weights, device)                  # fp32: the checkpoint's values
+    embedding = clip.token_embedding.weight.detach().clone() if args.interpret else None
+    convert_dtype(clip, runs.DTYPES[args.precision or runs.default_precision(device)])
     if not args.reference_path:
         clip = fast.fused_elementwise(clip)
 
@@ -218,7 +254,7 @@ def run(args):
         return model if args.reference_path else fast.FastPromptedCLIP(clip, model.learner)
     prompt = _prompt_file(args.prompt) if args.prompt else None
     if prompt and args.interpret:
-        _interpret(load_prompt(prompt, clip, clip_sha256=clip_sha), args.interpret, say)
+        _interpret(load_prompt(prompt, clip, clip_sha256=clip_sha), embedding, args.interpret, say)
     if args.interpret and not prompt:
         raise ValueError("--interpret needs --prompt (a run folder or prompt.safetensors)")
     if args.image:
@@ -240,7 +276,7 @@ def run(args):
     for half in halves:
         part = D.subsample_classes(splits, half)
         feats, labels = split_features(clip, part.test, args.batch_size, device, args.workers, args.skip_bad_images,
-                                       world)
+                                       world, say)
         if prompt:
             pred = predict_prompted(prompted(prompt, part.classnames), feats)
             name = f"prompt ({half})"

@@ -40,7 +40,6 @@ from coop_min.prompts import PromptedCLIP
 # launches; replayed from a CUDA graph (where buckets are on by default: train.py --cuda-graph) each
 # costs about a microsecond of GPU time whatever its size, about what a token costs through the layers.
 CHUNK_COST = 512
-MIN_BUCKET = CHUNK_COST   # the name FastPromptedCLIP._chunks passes
 
 
 @dataclass(frozen=True)
@@ -202,7 +201,7 @@ class FastPromptedCLIP(PromptedCLIP):
         key = (tuple(eots), str(device))
         if key not in self._plans:
             n, limit = len(eots), self.config.max_prompts_per_chunk
-            cuts = bucket_cuts(eots, limit, MIN_BUCKET) if self.config.length_buckets else [
+            cuts = bucket_cuts(eots, limit, CHUNK_COST) if self.config.length_buckets else [
                 (list(range(a, min(a + limit, n))), max(eots) + 1) for a in range(0, n, limit)]
             order = [i for idx, _ in cuts for i in idx]
             in_order = order == list(range(n))

@@ -10,7 +10,7 @@ the sha256 in its URL) or `hf-hub:ORG/NAME`, a Hugging Face CLIPModel repository
 model.safetensors, else pytorch_model.bin; Hugging Face URLs carry no digest, so these are not
 checked). The download is converted with coop_min.weights.convert and then deleted.
 
-Cache layout, <cache> being runs.cache_dir() ($COOP_MIN_CACHE, else $XDG_CACHE_HOME/coop_min, else
+Cache layout, <cache> being cache_dir() ($COOP_MIN_CACHE, else $XDG_CACHE_HOME/coop_min, else
 ~/.cache/coop_min) or the `cache` argument:
     <cache>/clip/ViT-B-16.safetensors             converted weights (OpenAI's file name); their presence
     <cache>/clip/hf-hub--ORG--NAME.safetensors    is the cache hit, and the network is not used
@@ -32,7 +32,6 @@ import time
 import urllib.error
 import urllib.request
 
-from coop_min import runs
 from coop_min.files import atomic_write
 from coop_min.weights.convert import convert
 
@@ -48,11 +47,19 @@ _MODELS = {
     "ViT-L/14": "https://openaipublic.azureedge.net/clip/models/b8cca3fd41ae0c99ba7e8951adf17d267cdb84cd88be6f7c2e0eca1737a03836/ViT-L-14.pt",
     "ViT-L/14@336px": "https://openaipublic.azureedge.net/clip/models/3035c92b350959924f9f00213499208652fc7ea050643e8b385c2dac08641f02/ViT-L-14-336px.pt",
 }
+NAMES = tuple(_MODELS)                                           # what --weights takes besides files
 _OPENAI_HOST = "https://openaipublic.azureedge.net"
 _HF_ENDPOINT = "https://huggingface.co"
 _HF_REPO = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")   # ORG/NAME, as the Hub allows them
 _TIMEOUT_S = 60          # per socket operation, not for the whole download
 _PROGRESS_EVERY_S = 0.25
+
+
+def cache_dir():
+    """$COOP_MIN_CACHE, else $XDG_CACHE_HOME/coop_min, else ~/.cache/coop_min (the demo data goes there too)."""
+    if os.environ.get("COOP_MIN_CACHE"):
+        return os.environ["COOP_MIN_CACHE"]
+    return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "coop_min")
 
 
 class _NotFound(ValueError):
@@ -70,7 +77,7 @@ def resolve(name_or_path, cache=None) -> str:
     if repo is None and name_or_path not in _MODELS:
         raise ValueError(f"unknown CLIP weights {name_or_path!r}: no such file, nor one of OpenAI's names "
                          f"({', '.join(_MODELS)}), nor hf-hub:ORG/NAME (a Hugging Face CLIPModel repository)")
-    folder = os.path.join(cache or runs.cache_dir(), "clip")
+    folder = os.path.join(cache or cache_dir(), "clip")
     os.makedirs(folder, exist_ok=True)
     safe = "hf-hub--" + repo.replace("/", "--") if repo else _MODELS[name_or_path].rsplit("/", 1)[1].removesuffix(".pt")
     dst = os.path.join(folder, safe + ".safetensors")

@@ -310,11 +310,32 @@ def _read(path):
                          "or the prompt.safetensors a training run wrote") from None
 
 
+def _saved_classnames(path, meta):
+    try:
+        names = json.loads(meta["classnames"])
+    except ValueError as e:
+        raise ValueError(f"{path}: its classnames metadata is not JSON ({e}); pass a prompt.safetensors "
+                         "a training run wrote") from None
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        raise ValueError(f"{path}: its classnames metadata must be a non-empty JSON list of strings, got "
+                         f"{meta['classnames'][:80]!r}; pass a prompt.safetensors a training run wrote")
+    return names
+
+
+def _config_of(path, meta):
+    try:
+        return PromptConfig(method=meta["method"], n_ctx=int(meta["n_ctx"]), ctx_init="", csc=meta["csc"] == "true",
+                            class_token_position=meta["class_token_position"])
+    except ValueError as e:
+        raise ValueError(f"{path}: its metadata is not a prompt configuration ({' '.join(str(e).split())})") from None
+
+
 def load_prompt(path, clip, classnames=None, clip_sha256: str | None = None) -> PromptedCLIP:
     """Rebuild a PromptedCLIP from prompt.safetensors for `classnames` (default: the file's).
 
     A unified CoOp context or a CoCoOp learner works on any class list (base->new, cross-dataset);
-    class-specific contexts only on as many classes as they were learned for.
+    class-specific contexts only on the classes they were learned for (names compared as the
+    prompts spell them, "_" read as a space).
     """
     meta, tensors = _read(path)
     missing = {"method", "n_ctx", "class_token_position", "csc", "classnames"} - set(meta)
@@ -322,24 +343,26 @@ def load_prompt(path, clip, classnames=None, clip_sha256: str | None = None) -> 
         raise ValueError(f"{path} is not a prompt file written by save_prompt: missing {sorted(missing) or 'ctx'}")
     saved_sha = meta.get("clip_sha256", "")
     if clip_sha256 is not None and saved_sha and saved_sha != clip_sha256:
-        raise ValueError(f"prompt was learned with CLIP {saved_sha}, you loaded {clip_sha256}; "
+        raise ValueError(f"{path} was learned with CLIP {saved_sha}, you loaded {clip_sha256}; "
                          "pass the matching --weights")
-    saved_names = json.loads(meta["classnames"])
+    saved_names = _saved_classnames(path, meta)
     names = saved_names if classnames is None else list(classnames)
-    csc = meta["csc"] == "true"
-    if csc and len(names) != len(saved_names):
-        raise ValueError(f"{path} has class-specific contexts for {len(saved_names)} classes, got "
-                         f"{len(names)} class names; CSC prompts only work on the classes they were learned for")
+    config = _config_of(path, meta)
+    spelled = [[n.replace("_", " ") for n in ns] for ns in (names, saved_names)]
+    if config.csc and spelled[0] != spelled[1]:
+        got = (f"got {len(names)} class names" if len(names) != len(saved_names) else
+               "got other names ({!r} where it has {!r})".format(*next((a, b) for a, b in zip(*spelled) if a != b)))
+        raise ValueError(f"{path} has class-specific contexts for {len(saved_names)} classes, {got}; CSC prompts "
+                         "only work on the classes they were learned for, in their order")
     if tensors["ctx"].shape[-1] != clip.config.text_width:
         raise ValueError(f"{path} has context width {tensors['ctx'].shape[-1]}, this CLIP's text width is "
                          f"{clip.config.text_width}; pass the CLIP the prompt was learned with")
-    config = PromptConfig(method=meta["method"], n_ctx=int(meta["n_ctx"]), ctx_init="", csc=csc,
-                          class_token_position=meta["class_token_position"])
     model = build_prompted_clip(clip, names, config)
     try:
         model.learner.load_state_dict(tensors)
     except RuntimeError as e:
-        raise ValueError(f"{path} does not fit a {config.method} learner on this CLIP: {e}") from None
+        raise ValueError(f"{path} does not fit a {config.method} learner on this CLIP: "
+                         f"{' '.join(str(e).split())[:300]}") from None
     return model
 
 

@@ -7,12 +7,15 @@ learned parameters), then `prompt.safetensors` and `results.json`. Every file is
 `files.atomic_write`, so a kill never leaves a half-written one.
 """
 import dataclasses
+import fcntl
 import json
 import os
+import re
+import time
 
 import torch
 
-from coop_min import weights
+from coop_min import hub, weights
 from coop_min.files import atomic_write, sha256_file, write_json
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -28,30 +31,36 @@ def default_precision(device):
     return "bf16" if str(device).startswith("cuda") else "fp32"
 
 
-def cache_dir():
-    """$COOP_MIN_CACHE, else $XDG_CACHE_HOME/coop_min, else ~/.cache/coop_min."""
-    if os.environ.get("COOP_MIN_CACHE"):
-        return os.environ["COOP_MIN_CACHE"]
-    return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "coop_min")
-
-
 def data_root(data):
     """--data, or the bundled demo benchmark (written into the cache on first use)."""
     if data is not None:
         return data
     from coop_min.demo import materialize_demo
-    return materialize_demo(cache_dir())
+    return materialize_demo(hub.cache_dir())
 
 
-def load_weights(path, device, precision):
-    """(frozen CLIP in `precision` on `device`, the file's sha256) from --weights (default: the demo's)."""
+def load_weights(path, device, precision="fp32"):
+    """(frozen CLIP in `precision` on `device`, the file's sha256) from --weights: a file, a model name
+    (`ViT-B/16`, `hf-hub:ORG/NAME`: downloaded once, coop_min/hub.py), or by default the demo's."""
     from coop_min.clip import load_clip
 
-    path = path or DEMO_WEIGHTS
+    path = DEMO_WEIGHTS if path is None else path
+    if not os.path.isfile(path) and (path in hub.NAMES or path.startswith("hf-hub:")):
+        path = hub.resolve(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"CLIP weights not found: {path}; convert a checkpoint with "
-                                "python -m coop_min.weights.convert")
+        raise FileNotFoundError(f"CLIP weights not found: {path}; pass a file from python -m "
+                                f"coop_min.weights.convert, one of {', '.join(hub.NAMES)}, or hf-hub:ORG/NAME")
     return load_clip(path, device=device, dtype=DTYPES[precision]), sha256_file(path)
+
+
+def check_writable(folder, flag="--output"):
+    """Refuse, before any work, a folder that cannot be created or written (read-only filesystem)."""
+    probe = os.path.abspath(folder)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe) or not os.access(probe, os.W_OK | os.X_OK):
+        raise SystemExit(f"error: {flag} {folder} cannot be written ({probe} is not a writable folder); "
+                         f"pick another {flag}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -71,7 +80,7 @@ class RunLog:
 
     def print(self, line):
         print(line, flush=True)
-        self.log.write(line + "\n")
+        self.log.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}\n")
         self.log.flush()
 
     def record(self, **values):
@@ -80,6 +89,47 @@ class RunLog:
 
     def metrics_bytes(self):
         return self.metrics.tell()
+
+
+class Progress:
+    """Means since the last progress line, throughput, and an ETA from the run's average step time.
+
+    step() after every training step; add() the totals (loss sum, correct, images) of the steps
+    since the last line, then line(); epoch_means() at each epoch's end. clock: seconds
+    (time.monotonic; tests pass a fake one)."""
+
+    def __init__(self, steps_left, clock=time.monotonic):
+        self.clock, self.steps_left, self.steps = clock, steps_left, 0
+        self.start = self.last = clock()
+        self.line_totals, self.epoch_totals = [0.0, 0, 0], [0.0, 0, 0]
+
+    def step(self):
+        self.steps, self.steps_left = self.steps + 1, self.steps_left - 1
+
+    def add(self, loss_sum, correct, n):
+        for totals in (self.line_totals, self.epoch_totals):
+            totals[0], totals[1], totals[2] = totals[0] + loss_sum, totals[1] + correct, totals[2] + n
+
+    def line(self):
+        """'loss L acc A% R img/s eta T' over the steps since the last line."""
+        (loss_sum, correct, n), now = self.line_totals, self.clock()
+        rate = n / max(now - self.last, 1e-9)
+        eta = (now - self.start) / max(self.steps, 1) * self.steps_left
+        self.last, self.line_totals = now, [0.0, 0, 0]
+        return (f"loss {loss_sum / max(n, 1):.4f} acc {100.0 * correct / max(n, 1):.1f}% {rate:.1f} img/s "
+                f"eta {_duration(eta)}")
+
+    def epoch_means(self):
+        (loss_sum, correct, n), self.epoch_totals = self.epoch_totals, [0.0, 0, 0]
+        return {"mean_loss": round(loss_sum / max(n, 1), 6), "mean_acc": round(100.0 * correct / max(n, 1), 4)}
+
+
+def _duration(seconds):
+    if seconds < 60:
+        return f"{seconds:.0f}s"
+    if seconds < 3600:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 class QuietLog:
@@ -96,6 +146,16 @@ class QuietLog:
 # the folder and its checkpoints
 
 
+OWN_FILES = {"config.json", "log.txt", "metrics.jsonl", "split.json", ".lock"}   # what a run writes before state.pt
+_TEMP = re.compile(r".*\.tmp\d+$")                                             # files.atomic_write's temporaries
+
+
+def failed_start(folder):
+    """True when `folder` holds only what a run that stopped before its first checkpoint wrote."""
+    names = {n for n in os.listdir(folder) if not _TEMP.match(n)}
+    return "config.json" in names and names <= OWN_FILES
+
+
 def start_folder(folder, settings: dict, resume: bool, free=()):
     """Check that `folder` can take a new run (or, with resume, that it holds this run: the same
     settings except those in `free`). Raises SystemExit with one line; changes nothing."""
@@ -105,22 +165,53 @@ def start_folder(folder, settings: dict, resume: bool, free=()):
     if resume:
         if not os.path.exists(state_path):
             raise SystemExit(f"error: --resume but {state_path} does not exist; start without --resume")
-        try:
-            with open(config_path) as f:
-                saved = json.load(f)
-        except (OSError, ValueError) as e:
-            raise SystemExit(f"error: cannot read {config_path} ({e}); --resume needs the run's own config.json")
-        if not isinstance(saved, dict):
-            raise SystemExit(f"error: {config_path} is not a run's config.json; start a new run in another --output")
+        saved = read_config(folder)
         changed = sorted(k for k in settings if saved.get(k) != settings[k] and k not in free)
         if changed:
             raise SystemExit(f"error: --resume with different settings ({', '.join(changed)}); use the run's "
                              f"settings or another --output")
     elif os.path.exists(state_path) or os.path.exists(os.path.join(folder, "results.json")):
         raise SystemExit(f"error: {folder} already holds a run; pass --resume to continue it or --output for a new one")
-    elif os.path.isdir(folder) and os.listdir(folder):   # a failed run's split.json, or someone else's files
+    elif os.path.isdir(folder) and os.listdir(folder) and not failed_start(folder):   # someone else's files
         raise SystemExit(f"error: --output {folder} is not empty (it holds {', '.join(sorted(os.listdir(folder))[:3])}); "
                          "a new run needs a new or empty folder: remove its files or pick another --output")
+
+
+def read_config(folder):
+    """The run's config.json as a dict (SystemExit with one line if it is missing or not one)."""
+    path = os.path.join(folder, "config.json")
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: cannot read {path} ({' '.join(str(e).split())}); --resume needs the run's own "
+                         "config.json") from None
+    if not isinstance(saved, dict):
+        raise SystemExit(f"error: {path} is not a run's config.json; start a new run in another --output")
+    return saved
+
+
+def lock(folder):
+    """Create `folder` and hold an exclusive lock on it for this process's life (the returned file);
+    another process that holds it is named in a one-line SystemExit."""
+    os.makedirs(folder, exist_ok=True)
+    f = open(os.path.join(folder, ".lock"), "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise SystemExit(f"error: {folder} is in use by process {holder}; wait for it to finish or pick "
+                         "another --output") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    for name in os.listdir(folder):          # a kill during a write leaves its temporary file
+        if _TEMP.match(name):
+            os.remove(os.path.join(folder, name))
+    return f
 
 
 def write_config(folder, cfg):
@@ -134,8 +225,10 @@ def kept(folder):
     return "No checkpoint had been written yet"
 
 
-def save_state(folder, learner, optimizer, epoch, batch, metrics_bytes):
-    """state.pt and checkpoint.safetensors after `epoch` epochs and `batch` steps of the next."""
+def save_state(folder, learner, optimizer, epoch, batch, metrics_bytes, torch_rng, clip_sha256, progress):
+    """state.pt and checkpoint.safetensors after `epoch` epochs and `batch` steps of the next.
+    torch_rng: the global RNG state to resume with (taken before this epoch's loader drew from it);
+    progress: Progress's (line totals, epoch totals), so the means after a resume are the same."""
     from safetensors.torch import save_file
 
     if not all(torch.isfinite(p).all() for p in learner.parameters()):   # never overwrite a good checkpoint
@@ -143,7 +236,8 @@ def save_state(folder, learner, optimizer, epoch, batch, metrics_bytes):
                                  f"{batch} steps); stopped. {kept(folder)} (lower --lr or use --precision fp32)")
     state = {"params": {k: v.detach().cpu() for k, v in learner.state_dict().items()},
              "optimizer": optimizer.state_dict(), "epoch": epoch, "batch": batch,
-             "metrics_bytes": metrics_bytes, "torch_rng": torch.get_rng_state()}
+             "metrics_bytes": metrics_bytes, "torch_rng": torch_rng, "clip_sha256": clip_sha256,
+             "progress": [[float(x) for x in t] for t in progress]}
     atomic_write(os.path.join(folder, "state.pt"), lambda tmp: torch.save(state, tmp))
     tensors = {k: v.detach().float().cpu().contiguous() for k, v in learner.named_parameters()}
     atomic_write(os.path.join(folder, "checkpoint.safetensors"),
@@ -161,10 +255,52 @@ def read_state(folder):
                          "wrote, so the run cannot be resumed; start a new run in another --output") from None
 
 
-def load_state(folder, learner, optimizer):
-    """Restore parameters, optimizer and the RNG from state.pt; returns the state."""
-    state = read_state(folder)
-    learner.load_state_dict(state["params"])
-    optimizer.load_state_dict(state["optimizer"])
-    torch.set_rng_state(state["torch_rng"])
-    return state
+def check_state(state, folder, learner, optimizer, epochs, clip_sha256):
+    """Refuse (one-line SystemExit) a state.pt whose schema, types, shapes or values this run cannot
+    continue from, before anything is restored; then restore parameters, optimizer and RNG."""
+    path = os.path.join(folder, "state.pt")
+
+    def refuse(why):
+        raise SystemExit(f"error: {path} cannot be resumed: {why}; start a new run in another --output")
+    keys = {"params", "optimizer", "epoch", "batch", "metrics_bytes", "torch_rng", "clip_sha256", "progress"}
+    if not isinstance(state, dict) or not keys <= set(state):
+        refuse(f"it is not a state.pt this trainer wrote (it needs {sorted(keys)})")
+    if state["clip_sha256"] != clip_sha256:
+        refuse(f"it was trained with CLIP weights sha256 {str(state['clip_sha256'])[:12]}..., these are "
+               f"{clip_sha256[:12]}...; pass the run's --weights")
+    for name, high in (("epoch", epochs), ("batch", None)):
+        value = state[name]
+        if type(value) is not int or value < 0 or (high is not None and value > high):
+            refuse(f"{name} is {value!r}")
+    metrics = os.path.join(folder, "metrics.jsonl")
+    size = os.path.getsize(metrics) if os.path.exists(metrics) else 0
+    if type(state["metrics_bytes"]) is not int or not 0 <= state["metrics_bytes"] <= size:
+        refuse(f"metrics_bytes is {state['metrics_bytes']!r}, metrics.jsonl has {size} bytes")
+    totals = state["progress"]
+    if not (isinstance(totals, list) and len(totals) == 2 and all(
+            isinstance(t, list) and len(t) == 3 and all(type(x) is float and x == x and abs(x) < 1e300 for x in t)
+            for t in totals)):
+        refuse("progress is not two lists of three finite numbers")
+    rng = state["torch_rng"]
+    if not isinstance(rng, torch.Tensor) or rng.dtype != torch.uint8 or rng.shape != torch.get_rng_state().shape:
+        refuse("torch_rng is not a CPU RNG state")
+    params, own = state["params"], learner.state_dict()
+    if not isinstance(params, dict) or set(params) != set(own):
+        refuse(f"its parameters are not this learner's ({sorted(own)})")
+    for k, v in params.items():
+        if not isinstance(v, torch.Tensor) or v.shape != own[k].shape or not v.is_floating_point() \
+                or not torch.isfinite(v).all():
+            refuse(f"parameter {k} is not a finite tensor of shape {tuple(own[k].shape)}")
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+    except Exception as e:  # torch raises several types for a malformed optimizer state
+        refuse(f"its optimizer state does not fit ({' '.join(str(e).split())[:200]})")
+    for group in optimizer.param_groups:
+        if not all(isinstance(group[k], (int, float)) for k in ("lr", "momentum", "weight_decay", "dampening")):
+            refuse("its optimizer settings are not numbers")
+        for p in group["params"]:
+            buf = optimizer.state.get(p, {}).get("momentum_buffer")
+            if buf is not None and (buf.shape != p.shape or not torch.isfinite(buf).all()):
+                refuse(f"a momentum buffer is not a finite tensor of shape {tuple(p.shape)}")
+    learner.load_state_dict(params)
+    torch.set_rng_state(rng)

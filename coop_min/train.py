@@ -18,18 +18,21 @@ rank 0 alone writes the run folder; the result equals one process up to float ro
 """
 import argparse
 import dataclasses
+import json
 import math
 import os
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 
 import torch
 
+from coop_min import cuda_graph, runs
 from coop_min import data as D
 from coop_min import distributed as dist
 from coop_min import evaluate as E
-from coop_min import runs
+from coop_min.clip import convert_dtype
 from coop_min.cuda_graph import TrainStep
 from coop_min.fast import FastConfig, FastPromptedCLIP
 from coop_min.files import write_json
@@ -73,7 +76,10 @@ class TrainConfig:
     print_every: int = 10
 
 
-RESUME_MAY_CHANGE = ("output", "workers", "print_every", "device", "shard_text", "cuda_graph")  # a folder may move
+# settings a resumed run may change: they change no number it computes (the weights are checked by
+# their sha256 in state.pt, so the file may move), and a run folder may move
+RESUME_MAY_CHANGE = ("output", "weights", "workers", "print_every", "device", "shard_text", "cuda_graph",
+                     "skip_bad_images", "eval_batch_size")
 
 # ----------------------------------------------------------------------------------------------
 # the paper's schedule
@@ -108,6 +114,12 @@ def resolve(cfg: TrainConfig, dataset_name: str) -> TrainConfig:
         cfg.n_ctx = m
     if cfg.n_ctx is None:
         cfg.n_ctx = 4 if cocoop else 16
+    with warnings.catch_warnings(record=True) as caught:   # CSC with a phrase: one generic context, as official
+        warnings.simplefilter("always")
+        cfg.csc = PromptConfig(method=cfg.method, n_ctx=cfg.n_ctx, ctx_init=cfg.ctx_init, csc=cfg.csc,
+                               class_token_position=cfg.class_token_position).csc
+    for w in caught:
+        print(f"warning: {w.message}", file=sys.stderr)
     if cfg.epochs is None:
         cfg.epochs = paper_epochs(cfg.method, cfg.shots, dataset_name)
     if cfg.batch_size is None:
@@ -156,26 +168,33 @@ def _check_labels(labels, n_cls):  # on the host, before the step (a captured st
         raise ValueError(f"labels must be in [0, {n_cls}), got {labels.tolist()[:8]}")
 
 
-def train_epochs(cfg, model, dataset, log, folder, world=dist.World()):
-    """The SGD loop over epochs, resuming where state.pt left off; returns the number of steps run."""
+def _batches_per_epoch(n_images, batch_size):  # make_loader's count: Dassl drops a last partial batch
+    return n_images // batch_size if n_images >= batch_size else 1
+
+
+def train_epochs(cfg, model, opt, dataset, log, folder, clip_sha, state=None, world=dist.World(),
+                 clock=time.monotonic):
+    """The SGD loop over epochs; with `state` (a state.pt that runs.check_state has restored into the
+    learner and `opt`), from where it left off."""
     params = model.trainable_parameters()
-    opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    start_epoch, start_batch = 0, 0
-    if cfg.resume:
-        state = runs.load_state(folder, model.learner, opt)
-        start_epoch, start_batch = state["epoch"], state["batch"]
+    start_epoch, start_batch = (state["epoch"], state["batch"]) if state is not None else (0, 0)
+    if state is not None:
         log.print(f"resumed from epoch {start_epoch + 1} batch {start_batch + 1}")
     step = TrainStep(lambda *inputs: _step_forward(model, *inputs), opt, cuda_graph=cfg.cuda_graph,
                      after_backward=lambda: dist.all_reduce_grads(params))
-    steps = 0
+    per_epoch = _batches_per_epoch(len(dataset), cfg.batch_size)
+    progress = runs.Progress((cfg.epochs - start_epoch) * per_epoch - start_batch, clock)
+    if state is not None:
+        progress.line_totals, progress.epoch_totals = (list(t) for t in state["progress"])
     for epoch in range(start_epoch, cfg.epochs):
         lr = learning_rate(epoch, cfg)
         for group in opt.param_groups:
             group["lr"] = lr
+        rng = torch.get_rng_state()          # what a mid-epoch resume restores: its loader draws again
         loader = D.make_loader(dataset, cfg.batch_size, seed=cfg.seed, epoch=epoch,
                                start_batch=start_batch, num_workers=cfg.workers,
                                pin_memory=cfg.device.startswith("cuda"), rank=world.rank, world_size=world.size)
-        n_batches, t0, seen = len(loader) + start_batch, time.time(), 0
+        t0, totals = clock(), torch.zeros(3, device=cfg.device)               # loss sum, correct, images
         model.train()
         for batch, (images, labels) in enumerate(loader, start=start_batch):
             _check_labels(labels, model.learner.n_cls)
@@ -184,41 +203,35 @@ def train_epochs(cfg, model, dataset, log, folder, world=dist.World()):
             n_global = dist.all_reduce_sum(n_local)
             loss, correct = step(images, labels, n_local / n_global)
             _check_finite(loss, epoch, batch, folder)
-            steps, seen = steps + 1, seen + int(n_global)
-            if (batch + 1) % cfg.print_every == 0 or batch + 1 == n_batches:
-                global_loss, correct = dist.all_reduce_sum(torch.stack([loss.float(), correct.float()])).tolist()
-                acc = 100.0 * correct / float(n_global)
-                rate = seen / max(time.time() - t0, 1e-9)
-                left = ((cfg.epochs - epoch) * n_batches - batch - 1) * cfg.batch_size / rate
-                log.print(f"epoch {epoch + 1}/{cfg.epochs} batch {batch + 1}/{n_batches} loss {global_loss:.4f} "
-                          f"acc {acc:.1f}% lr {lr:.3e} {rate:.1f} img/s eta {left / 60:.1f} min")
-                log.record(epoch=epoch + 1, batch=batch + 1, loss=round(global_loss, 6), acc=round(acc, 4), lr=lr)
-            if world.main and cfg.save_every and (batch + 1) % cfg.save_every == 0 and batch + 1 < n_batches:
-                runs.save_state(folder, model.learner, opt, epoch, batch + 1, log.metrics_bytes())
+            totals += torch.stack([loss.float() * n_global, correct.float(), n_local])   # no host read
+            progress.step()
+            if (batch + 1) % cfg.print_every == 0 or batch + 1 == per_epoch:
+                _report(log, progress, dist.all_reduce_sum(totals).tolist(), epoch, batch, per_epoch, lr, cfg)
+                totals.zero_()
+            if world.main and cfg.save_every and (batch + 1) % cfg.save_every == 0 and batch + 1 < per_epoch:
+                runs.save_state(folder, model.learner, opt, epoch, batch + 1, log.metrics_bytes(), rng, clip_sha,
+                                (progress.line_totals, progress.epoch_totals))
+        log.record(epoch=epoch + 1, epoch_time_s=round(clock() - t0, 3), lr=lr, **progress.epoch_means())
         start_batch = 0
         if world.main:
-            runs.save_state(folder, model.learner, opt, epoch + 1, 0, log.metrics_bytes())
-    return steps
+            runs.save_state(folder, model.learner, opt, epoch + 1, 0, log.metrics_bytes(), torch.get_rng_state(), clip_sha,
+                            (progress.line_totals, progress.epoch_totals))
 
 
-def _few_shot_splits(cfg, splits, folder, world):
-    """The few-shot train/val sets, cached in the run folder (split.json) so the run can be repeated;
-    rank 0 samples and writes them, the other ranks read its file."""
-    cache = os.path.join(folder, "split.json")
-    if world.main and not os.path.exists(cache):
-        D.save_split(cache, D.few_shot(splits, cfg.shots, cfg.seed))
-    dist.barrier(world)
-    return D.load_split(cache)
+def _report(log, progress, totals, epoch, batch, per_epoch, lr, cfg):
+    """A progress line: means over the steps since the last line (every rank's images)."""
+    loss_sum, correct, n = totals
+    progress.add(loss_sum, int(correct), int(n))
+    log.print(f"epoch {epoch + 1}/{cfg.epochs} batch {batch + 1}/{per_epoch} lr {lr:.3e} {progress.line()}")
+    log.record(epoch=epoch + 1, batch=batch + 1, loss=round(loss_sum / max(n, 1), 6),
+               acc=round(100.0 * correct / max(n, 1), 4), lr=lr)
 
 
-def _start_folder(cfg, folder, world):
-    """Check the run folder on every rank (so each fails with the same line), then rank 0 writes config.json."""
-    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "resume"}
-    runs.start_folder(folder, settings, cfg.resume, free=RESUME_MAY_CHANGE)
-    dist.barrier(world)                      # every rank has checked before rank 0 changes anything
-    if world.main:
-        runs.write_config(folder, cfg)
-    dist.barrier(world)
+def _few_shot_splits(cfg, splits, folder, resume):
+    """The few-shot train/val sets: sampled with the seed, or on --resume the run's split.json."""
+    if resume:
+        return D.load_split(os.path.join(folder, "split.json"))
+    return D.few_shot(splits, cfg.shots, cfg.seed)
 
 
 def _evaluate_classes(cfg, model, splits, world):
@@ -245,29 +258,74 @@ def _model(cfg, clip, learner, world=dist.World(), train=False):
         class_shard=dist.class_shard(learner.n_cls, world) if shard else None))
 
 
+def make_learner(cfg, clip, classnames):
+    """The prompt learner on the fp32 CLIP, whose phrase init is the checkpoint's own values (as the
+    official code's); then the CLIP is cast to the compute precision and the learner rebuilt on it."""
+    prompt_cfg = PromptConfig(method=cfg.method, n_ctx=cfg.n_ctx, ctx_init=cfg.ctx_init, csc=cfg.csc,
+                              class_token_position=cfg.class_token_position)
+    init = build_prompted_clip(clip, classnames, prompt_cfg, seed=cfg.seed).learner.state_dict()
+    convert_dtype(clip, runs.DTYPES[cfg.precision])
+    learner = build_prompted_clip(clip, classnames, prompt_cfg, seed=cfg.seed).learner   # buffers in the CLIP dtype
+    learner.load_state_dict(init)
+    return learner
+
+
+def _bad_images(cfg, few, test):
+    """[(path, reason)] of the listed images whose header does not open, found before anything is
+    written (ValueError unless --skip-bad-images, which skips and counts them)."""
+    return [b for items in (few.train, few.val, test) for b in D.check_images(items, cfg.skip_bad_images)[1]]
+
+
+def _prepare_folder(cfg, folder, few, world):
+    """Rank 0 takes the folder's lock and, for a new run, writes config.json and split.json (replacing
+    a failed start's files). Returns the lock, held for the run."""
+    held = runs.lock(folder) if world.main else None
+    if world.main and not cfg.resume:
+        for name in ("log.txt", "metrics.jsonl"):
+            if os.path.exists(os.path.join(folder, name)):
+                os.remove(os.path.join(folder, name))
+        runs.write_config(folder, cfg)
+        D.save_split(os.path.join(folder, "split.json"), few)
+    dist.barrier(world)
+    return held
+
+
 def run(cfg: TrainConfig):
     """Train, evaluate on the test split, write every run output; returns the results dict.
-    Under torchrun: data-parallel, and rank 0 writes (every rank returns the same results)."""
+    Everything is checked before the run folder changes. Under torchrun: data-parallel, and rank 0
+    writes (every rank returns the same results)."""
     root = runs.data_root(cfg.data)
     splits = D.load_dataset(root, cfg.dataset)
     cfg = resolve(cfg, splits.name)
     world, device = dist.setup(cfg.device)
+    torch.backends.cudnn.benchmark = device.startswith("cuda")   # fixed shapes: let cuDNN pick (RN50's convs)
     folder = cfg.output
     if cfg.cuda_graph and (not device.startswith("cuda") or world.size > 1 or cfg.reference_path):
         raise SystemExit("error: --cuda-graph captures the fast path of one process on a CUDA device; "
                          "drop it for CPU, torchrun or --reference-path runs")
-    _start_folder(cfg, folder, world)
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "resume"}
+    runs.start_folder(folder, settings, cfg.resume, free=RESUME_MAY_CHANGE)
+    runs.check_writable(folder)
+    if cfg.resume and os.path.exists(os.path.join(folder, "results.json")):
+        return _finished(folder)
+    state = runs.read_state(folder) if cfg.resume else None
     cfg.device = device
-    metrics_bytes = runs.read_state(folder)["metrics_bytes"] if cfg.resume else None
-    log = runs.RunLog(folder, metrics_bytes) if world.main else runs.QuietLog()
     torch.manual_seed(cfg.seed)
-    few = _few_shot_splits(cfg, splits, folder, world)
+    few = _few_shot_splits(cfg, splits, folder, cfg.resume)
     train_split = D.subsample_classes(few, cfg.subsample)
-    clip, clip_sha = runs.load_weights(cfg.weights, cfg.device, cfg.precision)
-    prompt_cfg = PromptConfig(method=cfg.method, n_ctx=cfg.n_ctx, ctx_init=cfg.ctx_init, csc=cfg.csc,
-                              class_token_position=cfg.class_token_position)
-    learner = build_prompted_clip(clip, train_split.classnames, prompt_cfg, seed=cfg.seed).learner
+    clip, clip_sha = runs.load_weights(cfg.weights, cfg.device)
+    learner = make_learner(cfg, clip, train_split.classnames)
     model = _model(cfg, clip, learner, world, train=True)
+    sgd = cuda_graph.SGD if cfg.cuda_graph else torch.optim.SGD   # a graph reads its lr from the device
+    opt = sgd(model.trainable_parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    if state is not None:
+        runs.check_state(state, folder, learner, opt, cfg.epochs, clip_sha)   # and restores it
+    bad = _bad_images(cfg, few, train_split.test)
+    dist.barrier(world)                      # every rank has checked before rank 0 changes anything
+    held = _prepare_folder(cfg, folder, few, world)
+    log = runs.RunLog(folder, state["metrics_bytes"] if cfg.resume else None) if world.main else runs.QuietLog()
+    if bad:
+        log.print(f"warning: {len(bad)} images cannot be read and are skipped (--skip-bad-images), e.g. {bad[0][0]}")
     sharded = isinstance(model, FastPromptedCLIP) and model.config.class_shard is not None
     parallel = "" if world.size == 1 else f" across {world.size} processes" + (", classes sharded" if sharded else "")
     log.print(f"{cfg.method} on {splits.name} ({root}): {len(train_split.classnames)} classes ({cfg.subsample}), "
@@ -280,9 +338,23 @@ def run(cfg: TrainConfig):
     dataset = D.ImageDataset(train_split.train, train_transform(clip.visual.input_resolution), train=True,
                              seed=cfg.seed, cache_decoded=len(train_split.train) <= 20000, skip_bad=cfg.skip_bad_images)
     t0 = time.time()
-    train_epochs(cfg, model, dataset, log, folder, world)
+    train_epochs(cfg, model, opt, dataset, log, folder, clip_sha, state, world)
     log.print(f"finished training in {(time.time() - t0) / 60:.1f} min")
-    return _save_and_test(cfg, clip, clip_sha, learner, few, train_split, splits.name, log, folder, world)
+    results = _save_and_test(cfg, clip, clip_sha, learner, few, train_split, splits.name, log, folder, world)
+    log.print(f"results: {os.path.join(folder, 'results.json')}")
+    if held is not None:
+        held.close()                         # releases the lock
+    return results
+
+
+def _finished(folder):
+    """--resume of a finished run: its results, printed and returned; nothing is rewritten."""
+    with open(os.path.join(folder, "results.json")) as f:
+        results = json.load(f)
+    h = f", H {results['harmonic_mean']:.2f}" if "harmonic_mean" in results else ""
+    print(f"{folder} is a finished run: accuracy {results.get('accuracy', float('nan')):.2f}%{h}; results in "
+          f"{os.path.join(folder, 'results.json')} (nothing was changed)")
+    return results
 
 
 def _save_and_test(cfg, clip, clip_sha, learner, few, train_split, dataset_name, log, folder, world):
@@ -323,14 +395,15 @@ def _save_and_test(cfg, clip, clip_sha, learner, few, train_split, dataset_name,
 
 
 def parse_args(argv=None) -> TrainConfig:
-    p = argparse.ArgumentParser(prog="python -m coop_min.train", description=(
+    p = argparse.ArgumentParser(prog="python -m coop_min.train", allow_abbrev=False, description=(
         "Learn CoOp/CoCoOp prompts for a frozen CLIP. Unset flags take the paper default for the method, shot "
         "count and dataset. With no --data: the bundled demo benchmark and tiny CLIP."))
     p.error = lambda message: p.exit(2, f"{p.prog}: error: {message}; see --help\n")  # one line, no usage block
     a = p.add_argument
     a("--data", help="dataset folder (official CoOp layouts, split_zhou json, or class/image.jpg); default: demo")
     a("--dataset", default="auto", help="dataset name, or auto to detect from the folder (default auto)")
-    a("--weights", help="CLIP safetensors from coop_min.weights.convert (default: the bundled tiny demo CLIP)")
+    a("--weights", help="CLIP: a safetensors file from coop_min.weights.convert, an OpenAI name (ViT-B/16, RN50, ...) "
+                        "or hf-hub:ORG/NAME, downloaded once (default: the bundled tiny demo CLIP)")
     a("--method", default="coop", choices=["coop", "cocoop"])
     a("--shots", type=int, default=16, help="training images per class (default 16)")
     a("--n-ctx", type=int, help="context length M (paper: 16 CoOp, 4 CoCoOp); a --ctx-init phrase sets it")
@@ -346,7 +419,8 @@ def parse_args(argv=None) -> TrainConfig:
     a("--precision", choices=["fp32", "bf16", "fp16"], help="frozen CLIP compute dtype (default bf16 on CUDA, fp32 on CPU)")
     a("--device", help="cpu, cuda, cuda:1 ... (default cuda if available)")
     a("--output", help="run folder (default runs/<dataset>/<subsample>/<setting>/seed<seed>)")
-    a("--resume", action="store_true", help="continue the run in --output from its state.pt")
+    a("--resume", action="store_true",
+      help="continue the run in --output from its state.pt, with the settings of its config.json")
     a("--workers", type=int, help="data loader worker processes (default 0 on CPU, 8 on CUDA)")
     a("--skip-bad-images", action="store_true", help="skip and count unreadable images instead of failing")
     a("--reference-path", action="store_true",
@@ -360,15 +434,36 @@ def parse_args(argv=None) -> TrainConfig:
            "(one CUDA process; see README)")
     a("--save-every", type=int, default=0, help="also checkpoint every N steps inside an epoch")
     a("--print-every", type=int, default=10, help="progress line every N steps (default 10)")
-    args = p.parse_args(argv)
-    values = {k.replace("-", "_"): v for k, v in vars(args).items()}
+    values = vars(p.parse_args(argv))
     for name, least in (("shots", 1), ("epochs", 1), ("batch_size", 1), ("n_ctx", 1), ("workers", 0),
                         ("save_every", 0), ("print_every", 1)):
         if values[name] is not None and values[name] < least:
             p.error(f"--{name.replace('_', '-')} must be >= {least}, got {values[name]}")
     if not (math.isfinite(values["lr"]) and values["lr"] > 0):
         p.error(f"--lr must be a positive number, got {values['lr']}")
+    if not 0 <= values["seed"] < 2 ** 63:
+        p.error(f"--seed must be between 0 and 2**63 - 1, got {values['seed']}")
+    if values["resume"]:
+        return _resumed(p, argv, values)
     return TrainConfig(**values)
+
+
+def _resumed(parser, argv, values):
+    """--resume --output DIR: the run's settings from its config.json; flags given must agree with
+    them or be among RESUME_MAY_CHANGE."""
+    if values["output"] is None:
+        parser.error("--resume needs --output RUN_DIR, the folder of the run to continue")
+    typed = [t[2:].split("=")[0] for t in (sys.argv[1:] if argv is None else argv) if t.startswith("--")]
+    given = {d: values[d] for d in ("shard_text" if t == "no-shard-text" else t.replace("-", "_") for t in typed)}
+    saved = runs.read_config(values["output"])
+    unknown = sorted(set(saved) - {f.name for f in dataclasses.fields(TrainConfig)})
+    if unknown:
+        parser.error(f"{values['output']}/config.json has settings this trainer does not know ({', '.join(unknown)})")
+    differ = sorted(k for k in given if k in saved and saved[k] != given[k] and k not in (*RESUME_MAY_CHANGE, "resume"))
+    if differ:
+        parser.error(f"--resume with settings that differ from the run's ({', '.join(differ)}); drop them to "
+                     "continue the run as it was started, or start a new run in another --output")
+    return TrainConfig(**{**saved, **given, "resume": True})
 
 
 def main(argv=None):
@@ -377,7 +472,11 @@ def main(argv=None):
         run(cfg)
         dist.end_rank()                      # torchrun: see there
     except (ValueError, FileNotFoundError, FloatingPointError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as e:                     # a full disk, a folder that became read-only
+        print(f"error: {e.strerror or e} ({e.filename or 'a run file'}); the run folder keeps its last "
+              "checkpoint; fix it and continue with --resume", file=sys.stderr)
         sys.exit(2)
     except SystemExit as e:
         if isinstance(e.code, str):

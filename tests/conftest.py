@@ -31,3 +31,9 @@ def cli(module, setup, *args, nproc=1):
     launch = [sys.executable, "-m"] if nproc == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), "-m"]
     return [*launch, module, "--data", setup["data"], "--weights", setup["weights"], "--workers", "0", *args]
+
+
+def metrics_lines(path):
+    """metrics.jsonl as dicts, without the wall-clock fields (epoch_time_s) that differ between runs."""
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    return [{k: v for k, v in m.items() if k != "epoch_time_s"} for m in lines]

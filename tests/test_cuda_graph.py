@@ -83,3 +83,30 @@ def test_capture_survives_a_pinned_allocation_in_another_thread():
     graphed = losses(True)
     assert not errors, errors
     assert graphed == pytest.approx(losses(False), rel=1e-5)
+
+
+
+def test_device_lr_sgd_is_captured_once_for_every_learning_rate(monkeypatch):
+    """With cuda_graph.SGD the lr lives on the device: the lr change after step 5 needs no re-capture,
+    and replays equal eager steps of the same optimizer."""
+    from coop_min.cuda_graph import SGD
+
+    captures = []
+    original = TrainStep._capture
+    monkeypatch.setattr(TrainStep, "_capture", lambda self, *a: captures.append(1) or original(self, *a))
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(4, 3, 32, 32, generator=g).cuda(), torch.randint(0, len(NAMES), (4,), generator=g).cuda())
+               for _ in range(9)]
+    out = {}
+    for cuda_graph in (False, True):
+        model = _model("coop")
+        opt = SGD(model.trainable_parameters(), lr=0.002, momentum=0.9, weight_decay=5e-4)
+        step = TrainStep(lambda x, y: (model.loss(model.encode_images(x), y),), opt, cuda_graph=cuda_graph)
+        for i, (x, y) in enumerate(batches):
+            for group in opt.param_groups:
+                group["lr"] = 0.002 if i < 5 else 0.0005
+            step(x, y)
+        out[cuda_graph] = [p.detach().clone() for p in model.trainable_parameters()]
+    assert len(captures) == 1
+    for a, b in zip(out[True], out[False]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

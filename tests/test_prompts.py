@@ -228,12 +228,14 @@ def test_class_shard_encodes_only_its_classes(clip):
 
 
 def test_length_bucket_plan_sorts_cuts_and_restores_the_order():
-    eots = [9, 5, 7, 5, 9, 5, 12]                         # sorted: 5 5 5 | 7 9 9 | 12 -> the last joins no chunk of 2
-    chunks = bucket_cuts(eots, max_per_chunk=3, min_bucket=2)
-    # a chunk ends at a length change once it has 2 prompts (and 2 remain), or at 3 prompts
-    assert chunks == [([1, 3, 5], 6), ([2, 0, 4], 10), ([6], 13)]
+    """The plan FastPromptedCLIP runs: chunks of at most 3 prompts of ascending length, each padded to
+    its longest, covering every prompt once (the optimum itself: tests/test_buckets.py)."""
+    eots = [9, 5, 7, 5, 9, 5, 12]
+    chunks = bucket_cuts(eots, max_per_chunk=3, chunk_cost=1)
     assert sorted(i for idx, _ in chunks for i in idx) == list(range(7))
-    assert bucket_cuts([5, 5, 6], max_per_chunk=3, min_bucket=2) == [([0, 1, 2], 7)]   # one chunk
+    assert all(len(idx) <= 3 and length == max(eots[i] for i in idx) + 1 for idx, length in chunks)
+    assert [eots[i] for idx, _ in chunks for i in idx] == sorted(eots)
+    assert len(chunks) > 2
 
 
 @pytest.mark.parametrize("method,shared_prefix", [("coop", False), ("coop", True), ("cocoop", False), ("cocoop", True)])
@@ -242,7 +244,7 @@ def test_length_buckets_give_the_features_of_one_padded_batch(clip, monkeypatch,
     features (and the loss's gradient) must be those of the plain path, in the same order."""
     import coop_min.fast as fast
 
-    monkeypatch.setattr(fast, "MIN_BUCKET", 2)
+    monkeypatch.setattr(fast, "CHUNK_COST", 1)           # cheap chunks: several buckets on these few prompts
     names = ["dog", "golden_retriever", "2012 Tesla Model S", "cat", "sea lion", "a b c d e f", "ox", "fire truck"]
     f = torch.randn(3, 32, generator=torch.Generator().manual_seed(0))
     labels = torch.tensor([7, 2, 0])
@@ -252,7 +254,7 @@ def test_length_buckets_give_the_features_of_one_padded_batch(clip, monkeypatch,
         model = FastPromptedCLIP(clip, learner, FastConfig(shared_prefix=shared_prefix, length_buckets=buckets))
         if buckets:
             eots = learner.eot_list * (len(f) if method == "cocoop" else 1)
-            assert len(fast.bucket_cuts(eots, 4096, fast.MIN_BUCKET)) > 1         # several buckets do run
+            assert len(fast.bucket_cuts(eots, 4096, fast.CHUNK_COST)) > 1         # several buckets do run
         t = model.text_features(f if method == "cocoop" else None)
         model.loss(f, labels).backward()
         out[buckets] = t.detach(), model.learner.ctx.grad.clone()
@@ -273,7 +275,7 @@ def test_fast_step_reads_no_device_value_on_the_host(clip, monkeypatch, method, 
     CPU they are made to raise here. (Length buckets plan on the first step, outside any capture.)"""
     import coop_min.fast as fast
 
-    monkeypatch.setattr(fast, "MIN_BUCKET", 1)
+    monkeypatch.setattr(fast, "CHUNK_COST", 0)
     learner = build_prompted_clip(clip, CLASSNAMES, PromptConfig.for_method(method), seed=0).learner
     model = FastPromptedCLIP(clip, learner, FastConfig(max_prompts_per_chunk=3, shared_prefix=shared_prefix,
                                                        length_buckets=buckets)).train()

@@ -1,0 +1,336 @@
+"""Hostile inputs and faults: every bad input exits 2 with one line, nothing already written is lost
+or silently changed, and no result is silently wrong (the drill behind these: README, train/evaluate)."""
+import json
+import os
+import shutil
+import subprocess
+from dataclasses import asdict
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from conftest import ENV, cli
+from coop_min import runs
+from coop_min.clip import CLIP, CLIPConfig, build_clip
+from coop_min.files import atomic_write
+from coop_min.prompts import PromptConfig, build_prompted_clip, load_prompt, nearest_words, save_prompt
+
+
+@pytest.fixture(scope="module")
+def setup(e2e_setup):
+    return e2e_setup
+
+
+def _train(setup, out, *args, weights=None):
+    cmd = cli("coop_min.train", setup, "--shots", "2", "--epochs", "2", "--batch-size", "8", "--print-every", "1",
+              "--output", str(out), *args)
+    if weights is not None:
+        cmd[cmd.index("--weights") + 1] = str(weights)
+    return subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
+
+
+def _one_line(r, code=2):
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == code and len(lines) == 1, (r.returncode, r.stderr)
+    return lines[0]
+
+
+def _snapshot(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file() and p.name != ".lock"}
+
+
+def _tiny_clip(seed):
+    torch.manual_seed(seed)
+    return build_clip(CLIP(CLIPConfig(64, 32, 1, 64, 8, 2, 77, 49408, 64, 2, 1)).state_dict())
+
+
+def _write_clip(path, seed):
+    torch.manual_seed(seed)
+    config = CLIPConfig(64, 32, 1, 64, 8, 2, 77, 49408, 64, 2, 1)
+    save_file({k: v.contiguous() for k, v in CLIP(config).state_dict().items()}, str(path),
+              metadata={"config": json.dumps(asdict(config))})
+
+
+@pytest.fixture(scope="module")
+def finished(setup, tmp_path_factory):
+    """A finished 2-epoch run (4 steps per epoch) with its own copy of the weights."""
+    root = tmp_path_factory.mktemp("finished")
+    weights = root / "clip.safetensors"
+    shutil.copy(setup["weights"], weights)
+    r = _train(setup, root / "run", weights=weights)
+    assert r.returncode == 0, r.stderr
+    return root / "run", weights
+
+
+# ----------------------------------------------------------------------------------------------
+# results that were wrong or lost
+
+
+def test_csc_prompt_refuses_other_class_names(tmp_path):
+    clip = _tiny_clip(0)
+    model = build_prompted_clip(clip, ["cat", "sea_lion", "dog"], PromptConfig(n_ctx=2, csc=True), seed=1)
+    save_prompt(tmp_path / "p.safetensors", model, "")
+    same = load_prompt(tmp_path / "p.safetensors", clip, ["cat", "sea lion", "dog"])     # "_" reads as a space
+    assert torch.equal(same.learner.ctx, model.learner.ctx)
+    with pytest.raises(ValueError, match="class-specific contexts") as e:
+        load_prompt(tmp_path / "p.safetensors", clip, ["car", "boat", "tree"])
+    assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match="class-specific contexts"):                    # same names, other order
+        load_prompt(tmp_path / "p.safetensors", clip, ["dog", "cat", "sea lion"])
+
+
+def test_resuming_a_finished_run_prints_its_results_and_changes_nothing(setup, finished, tmp_path):
+    run, weights = tmp_path / "run", tmp_path / "clip.safetensors"
+    shutil.copytree(finished[0], run)
+    shutil.copy(finished[1], weights)
+    before = _snapshot(run)
+    _write_clip(weights, seed=99)                                # the weights file was replaced since
+    r = _train(setup, run, "--resume", weights=weights)
+    assert r.returncode == 0 and "is a finished run" in r.stdout and "nothing was changed" in r.stdout, r.stderr
+    assert _snapshot(run) == before
+
+
+def test_resume_with_other_clip_weights_is_refused(setup, tmp_path):
+    weights = tmp_path / "clip.safetensors"
+    shutil.copy(setup["weights"], weights)
+    run = tmp_path / "run"
+    assert _train(setup, run, weights=weights).returncode == 0
+    (run / "results.json").unlink()                            # as if killed during the final evaluation
+    _write_clip(weights, seed=99)
+    before = _snapshot(run)
+    line = _one_line(_train(setup, run, "--resume", weights=weights))
+    assert "CLIP weights sha256" in line and "--weights" in line
+    assert _snapshot(run) == before
+
+
+def test_a_second_process_on_the_same_folder_is_refused(setup, finished):
+    run, _ = finished
+    held = runs.lock(run)                                      # another process's lock, as flock sees it
+    try:
+        (run / "results.json").rename(run / "results.moved")   # an unfinished run
+        line = _one_line(_train(setup, run, "--resume"))
+        assert f"in use by process {os.getpid()}" in line
+    finally:
+        held.close()
+        (run / "results.moved").rename(run / "results.json")
+
+
+def _learner(clip):
+    return build_prompted_clip(clip, ["cat", "dog"], PromptConfig(n_ctx=2), seed=1).learner
+
+
+def _good_state(learner, opt):
+    return {"params": {k: v.clone() for k, v in learner.state_dict().items()}, "optimizer": opt.state_dict(),
+            "epoch": 1, "batch": 0, "metrics_bytes": 0, "torch_rng": torch.get_rng_state(), "clip_sha256": "ab",
+            "progress": [[0.0, 0.0, 0.0], [0.0, 0.0, 0.0]]}
+
+
+@pytest.mark.parametrize("hostile,message", [
+    (lambda s: s.pop("torch_rng"), "not a state.pt this trainer wrote"),
+    (lambda s: s["params"].__setitem__("ctx", torch.zeros(3, 64)), "parameter ctx"),
+    (lambda s: s["params"].__setitem__("ctx", torch.full((2, 64), float("nan"))), "parameter ctx"),
+    (lambda s: s.__setitem__("epoch", "1"), "epoch is '1'"),
+    (lambda s: s.__setitem__("epoch", 10 ** 6), "epoch is 1000000"),
+    (lambda s: s.__setitem__("metrics_bytes", 10 ** 8), "metrics_bytes"),
+    (lambda s: s.__setitem__("metrics_bytes", -1), "metrics_bytes"),
+    (lambda s: s.__setitem__("torch_rng", torch.zeros(3, dtype=torch.uint8)), "torch_rng"),
+    (lambda s: s.__setitem__("optimizer", [1, 2]), "optimizer state"),
+    (lambda s: s.__setitem__("clip_sha256", "cd"), "CLIP weights sha256"),
+    (lambda s: s.__setitem__("progress", [[float("nan")] * 3] * 2), "progress"),
+])
+def test_a_hostile_state_is_refused_before_anything_is_restored(tmp_path, hostile, message):
+    learner = _learner(_tiny_clip(0))
+    opt = torch.optim.SGD(learner.parameters(), lr=0.1, momentum=0.9)
+    state = _good_state(learner, opt)
+    hostile(state)
+    (tmp_path / "metrics.jsonl").write_text("")
+    ctx, rng = learner.ctx.detach().clone(), torch.get_rng_state()
+    with pytest.raises(SystemExit, match=message) as e:
+        runs.check_state(state, str(tmp_path), learner, opt, 50, "ab")
+    assert "\n" not in str(e.value.code)
+    assert torch.equal(learner.ctx, ctx) and torch.equal(torch.get_rng_state(), rng)
+    assert (tmp_path / "metrics.jsonl").read_text() == ""
+
+
+def test_a_list_instead_of_a_state_dict_is_refused(setup, finished, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(finished[0], run)
+    (run / "results.json").unlink()
+    torch.save([1, 2, 3], run / "state.pt")
+    before = _snapshot(run)
+    assert "not a state.pt this trainer wrote" in _one_line(_train(setup, run, "--resume"))
+    assert _snapshot(run) == before
+
+
+# ----------------------------------------------------------------------------------------------
+# failures to fail cleanly
+
+
+@pytest.mark.parametrize("classnames,message", [("123", "list of strings"), ("[1, 2, null]", "list of strings"),
+                                                ("{not json", "not JSON")])
+def test_prompt_file_with_bad_classnames_names_the_file(tmp_path, classnames, message):
+    path = tmp_path / "prompt.safetensors"
+    save_file({"ctx": torch.zeros(2, 64)}, str(path), metadata={
+        "method": "coop", "n_ctx": "2", "class_token_position": "end", "csc": "false", "classnames": classnames})
+    with pytest.raises(ValueError, match=message) as e:
+        load_prompt(path, _tiny_clip(0))
+    assert str(path) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_size_mismatch_is_one_line(tmp_path):
+    clip = _tiny_clip(0)
+    model = build_prompted_clip(clip, ["cat", "dog"], PromptConfig(method="cocoop"), seed=1)
+    save_prompt(tmp_path / "p.safetensors", model, "")
+    from safetensors.torch import load_file
+    tensors = load_file(str(tmp_path / "p.safetensors"))
+    tensors["meta_net.linear1.weight"] = torch.zeros(3, 3)
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / "p.safetensors"), "pt") as f:
+        meta = f.metadata()
+    save_file(tensors, str(tmp_path / "bad.safetensors"), metadata=meta)
+    with pytest.raises(ValueError, match="does not fit") as e:
+        load_prompt(tmp_path / "bad.safetensors", clip)
+    assert "\n" not in str(e.value)
+
+
+def test_an_unwritable_output_is_refused_before_any_work(monkeypatch, tmp_path):
+    monkeypatch.setattr(os, "access", lambda path, mode: False)  # as a read-only filesystem answers (even root)
+    with pytest.raises(SystemExit, match="cannot be written"):
+        runs.check_writable(str(tmp_path / "new" / "run"))
+
+
+def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
+    target = tmp_path / "state.pt"
+    target.write_text("old")
+
+    def full_disk(tmp):
+        with open(tmp, "w") as f:
+            f.write("partial")
+        raise OSError(28, "No space left on device")
+    with pytest.raises(OSError):
+        atomic_write(str(target), full_disk)
+    assert target.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["state.pt"]
+
+
+def test_a_huge_seed_is_one_line(setup, tmp_path):
+    line = _one_line(_train(setup, tmp_path / "run", "--seed", "99999999999999999999999"))
+    assert "--seed must be between" in line and not (tmp_path / "run").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# friction that loses a user's work
+
+
+@pytest.mark.parametrize("args,message", [(["--weights", "/typo/clip.safetensors"], "weights not found"),
+                                          (["--shots", "100000"], "fewer than --shots"),
+                                          (["--n-ctx", "100"], "lower --n-ctx"),
+                                          (["--method", "cocoop", "--csc"], "CoCoOp")])
+def test_a_failed_start_writes_nothing(setup, tmp_path, args, message):
+    line = _one_line(_train(setup, tmp_path / "run", *args))
+    assert message in line and not (tmp_path / "run").exists()
+
+
+def test_a_folder_holding_only_a_failed_start_is_reused(setup, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text("{}")                       # what a start that stopped in epoch 1 leaves
+    (run / "log.txt").write_text("epoch 1/2 batch 1/4\n")
+    (run / "metrics.jsonl").write_text('{"epoch": 1}\n')
+    r = _train(setup, run, "--epochs", "1")
+    assert r.returncode == 0, r.stderr
+    assert "epoch 1/2 batch 1/4" not in (run / "log.txt").read_text()
+    assert json.loads((run / "config.json").read_text())["epochs"] == 1
+
+
+def _data_with_a_bad_test_image(setup, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(setup["data"], data)
+    split_file = next(data.glob("split_zhou_*.json"))
+    bad = data / "images" / json.loads(split_file.read_text())["test"][0][0]
+    bad.write_bytes(b"not an image")
+    return data, bad
+
+
+def test_a_bad_test_image_is_found_before_training(setup, tmp_path):
+    data, bad = _data_with_a_bad_test_image(setup, tmp_path)
+    cmd = lambda *a: cli("coop_min.train", {**setup, "data": str(data)}, "--shots", "2", "--epochs", "1",  # noqa: E731
+                         "--batch-size", "8", "--output", str(tmp_path / "run"), *a)
+    r = subprocess.run(cmd(), env=ENV, capture_output=True, text=True, timeout=300)
+    line = _one_line(r)
+    assert str(bad) in line and "--skip-bad-images" in line and not (tmp_path / "run").exists()
+    r = subprocess.run(cmd("--skip-bad-images"), env=ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "1 images cannot be read" in r.stdout, r.stderr
+
+
+def test_bare_resume_takes_the_runs_settings_and_refuses_other_ones(setup, finished, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(finished[0], run)
+    (run / "results.json").unlink()
+    (run / "state.pt.tmp4242").write_text("a kill during a save")
+    cmd = [cli("coop_min.train", setup)[0], "-m", "coop_min.train", "--resume", "--output", str(run)]
+    r = subprocess.run([*cmd, "--shots", "4"], env=ENV, capture_output=True, text=True, timeout=300)
+    assert "differ from the run's (shots)" in _one_line(r)
+    r = subprocess.run([*cmd, "--workers", "0", "--print-every", "3"], env=ENV, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert json.loads((run / "results.json").read_text())["accuracy"] == \
+        json.loads((finished[0] / "results.json").read_text())["accuracy"]
+    assert not (run / "state.pt.tmp4242").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# fidelity
+
+
+def test_csc_with_a_phrase_is_one_generic_context_and_reports_new_classes(setup, tmp_path):
+    r = _train(setup, tmp_path / "run", "--epochs", "1", "--csc", "--ctx-init", "a photo of a", "--subsample", "base")
+    assert r.returncode == 0, r.stderr
+    assert "csc=True is ignored" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert {"new", "harmonic_mean"} <= set(results)
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["csc"] is False
+
+
+def test_the_phrase_init_is_the_checkpoints_values_not_their_bf16_rounding():
+    from coop_min.tokenizer import encode
+    from coop_min.train import TrainConfig, make_learner, resolve
+
+    clip = _tiny_clip(0)
+    exact = clip.token_embedding.weight[torch.tensor(encode("a photo of a"))].clone()
+    assert not torch.equal(exact.bfloat16().float(), exact)        # the rounding would show
+    cfg = resolve(TrainConfig(ctx_init="a photo of a", precision="bf16", device="cpu"), "Demo")
+    learner = make_learner(cfg, clip, ["cat", "dog"])
+    assert torch.equal(learner.ctx.detach(), exact) and learner.ctx.dtype == torch.float32
+    assert learner.token_prefix.dtype == torch.bfloat16 and clip.dtype == torch.bfloat16
+
+
+def test_interpret_compares_against_the_checkpoints_fp32_embedding(setup, finished):
+    from coop_min.clip import load_clip
+    from coop_min.tokenizer import token_string
+    from safetensors.torch import load_file
+
+    run, weights = finished
+    r = subprocess.run(cli("coop_min.evaluate", {**setup, "weights": str(weights)}, "--prompt", str(run),
+                           "--interpret", "3", "--precision", "bf16"), env=ENV, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    ctx = load_file(str(run / "prompt.safetensors"))["ctx"]
+    ids, _ = nearest_words(ctx, load_clip(weights).token_embedding, 3)
+    want = [str([token_string(int(i)) for i in row]) for row in ids]
+    got = [line.split(": ", 1)[1].rsplit(" [", 1)[0] for line in r.stdout.splitlines() if line[:1].isdigit()]
+    assert got == want
+
+
+def test_progress_means_rate_and_eta_on_a_fake_clock():
+    now = [100.0]
+    progress = runs.Progress(steps_left=10, clock=lambda: now[0])
+    for loss, correct in ((2.0, 4), (1.0, 8)):                 # two steps of 8 images, 2 s each
+        now[0] += 2.0
+        progress.step()
+        progress.add(loss * 8, correct, 8)
+    assert progress.line() == "loss 1.5000 acc 75.0% 4.0 img/s eta 16s"   # 8 steps left at 2 s each
+    now[0] += 60.0
+    progress.step()
+    progress.add(0.5 * 8, 8, 8)
+    assert progress.line() == "loss 0.5000 acc 100.0% 0.1 img/s eta 2.5 min"   # 7 left at the run's 64/3 s
+    assert progress.epoch_means() == {"mean_loss": round(3.5 * 8 / 24, 6), "mean_acc": round(100 * 20 / 24, 4)}
