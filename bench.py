@@ -11,15 +11,18 @@ train step from a CUDA graph; benchmarks/methods.py says exactly what each runs.
 compute in fp32.
 
 Cases: CoOp train steps (batch 32, M=16) at 10/100/1000 classes for ViT-B/16 and RN50, CoCoOp train
-steps (M=4) at 50/500 classes and batch 1/8, zero-shot evaluation (batch 256, 1000 classes; also ours
-with the image encoder under torch.compile unless --no-compile), and the classification head alone
-(fused kernel vs its eager twin vs torch.compile of the twin, with achieved GB/s against a measured
-device-to-device copy). Before timing, each case checks that both paths compute the same loss on the
-same inputs (relative TOLERANCE: fp16 against bf16) and, for train steps, the same first-step
-gradient of the context (relative GRAD_TOLERANCE): at random init the loss sits near log C whatever
-the prompts, so it alone misses real bugs. Each method is timed after a warm-up as the median of N
-steps (benchmarks/timing.py); peak memory is that method alone, its CLIP weights included. A method
-that runs out of memory reports OOM. The process exits 1 if a check failed.
+steps (M=4) at 50/500 classes and batch 1/8, each with ImageNet's first C class names as CoOp spells
+them (benchmarks/imagenet_classnames.txt; their lengths set how far prompts pad, and "text tokens"
+is what ours' text encoder runs per step, in its chunks), zero-shot evaluation (batch 256, 1000
+classes; also ours with the image encoder under torch.compile unless --no-compile), and the
+classification head alone (fused kernel vs its eager twin vs torch.compile of the twin, with
+achieved GB/s against a measured device-to-device copy). Before timing, each case checks that both
+paths compute the same loss on the same inputs (relative TOLERANCE: fp16 against bf16) and, for
+train steps, the same first-step gradient of the context (relative GRAD_TOLERANCE): at random init
+the loss sits near log C whatever the prompts, so it alone misses real bugs. Each method is timed
+after a warm-up as the median of N steps (benchmarks/timing.py); peak memory is that method alone,
+its CLIP weights included. A method that runs out of memory reports OOM. The process exits 1 if a
+check failed.
 
 Instead of timing, on the CPU: `--memory` models each train case's peak GPU memory
 (benchmarks/memory.py) and `--cost` each train and zero-shot case's GPU work from its ops
@@ -160,11 +163,17 @@ def _row(r):
             get(third, "ms", ".1f"), _fmt(r.get(f"speedup_{third}"), ".2f", "x"),
             get("official", "images_per_s", ".0f"), get("ours", "images_per_s", ".0f"),
             get("official", "peak_gib", ".2f"), get("ours", "peak_gib", ".2f"), _fmt(r["memory_ratio"], ".1f", "x"),
-            get(third, "peak_gib", ".2f"), diff)
+            get(third, "peak_gib", ".2f"), _tokens(r), diff)
+
+
+def _tokens(r):
+    """Text-encoder tokens per step: ours, and with length buckets where a method had them."""
+    counts = [r["methods"][m]["text_tokens"] for m in ("ours", "graph") if "text_tokens" in r["methods"].get(m, {})]
+    return " / ".join(str(n) for n in counts) or "-"
 
 
 _HEADERS = {"train": ("case", "official ms", "ours ms", "speedup", "graph ms*", "graph speedup*", "off img/s",
-                      "ours img/s", "off GiB", "ours GiB", "mem ratio", "graph GiB*", "loss / grad diff"),
+                      "ours img/s", "off GiB", "ours GiB", "mem ratio", "graph GiB*", "text tokens", "loss / grad diff"),
             "head": ("head case", "fused ms", "eager ms", "compile ms", "vs eager", "vs compile", "fused GB/s",
                      "of copy bw", "graph ms", "graph of bw", "loss diff"),
             "cost": ("modelled case", "off TFLOP", "ours TFLOP", "off GB mm / other", "ours GB mm / other",

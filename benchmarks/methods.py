@@ -16,9 +16,9 @@ Meta-Net:
 Left out of both paths: the batch's host-to-device copy and the loops' bookkeeping (Dassl's per-step
 NaN check and accuracy, our loop's accuracy count and finite check).
 """
-import random
 from dataclasses import dataclass, replace
 from functools import partial
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +27,7 @@ from benchmarks import official
 from benchmarks.timing import graphed, nbytes, run_method
 from coop_min.clip import CLIP, CLIPConfig, convert_dtype
 from coop_min.cuda_graph import TrainStep
-from coop_min.fast import FastConfig, FastPromptedCLIP, encode_text, fused_elementwise
+from coop_min.fast import FastConfig, FastPromptedCLIP, bucket_cuts, encode_text, fused_elementwise
 from coop_min.kernels.cosine_ce import cosine_ce, cosine_ce_reference, cosine_logits
 from coop_min.prompts import CoCoOpPromptLearner, CoOpPromptLearner, PromptConfig
 from coop_min.tokenizer import tokenize
@@ -38,10 +38,8 @@ ARCHS = {"vit_b16": CLIPConfig(512, 224, 12, 768, 16, 12, 77, 49408, 512, 8, 12)
          "rn50": CLIPConfig(1024, 224, (3, 4, 6, 3), 64, None, 32, 77, 49408, 512, 8, 12),
          "vit_tiny": CLIPConfig(32, 32, 2, 64, 16, 2, 77, 49408, 64, 2, 2),
          "rn_tiny": CLIPConfig(32, 64, (1, 1, 1, 1), 8, None, 2, 77, 49408, 64, 2, 2)}
-_WORDS = ("cat dog bird fish horse car truck plane ship red blue green black white small large old young wild "
-          "house tree flower rose tulip lake river mountain beach forest desert road bridge tower castle church "
-          "train bus boat bike apple orange banana lemon bread cake pizza coffee tea chair table lamp clock phone "
-          "book").split()  # one BPE token each
+# CoOp's ImageNet classnames.txt ("n01440764 tench"): CLIP's cleaned ImageNet class names, in class order
+IMAGENET_CLASSNAMES = Path(__file__).with_name("imagenet_classnames.txt")
 
 
 @dataclass(frozen=True)
@@ -57,10 +55,10 @@ class Settings:
     compile: bool = False                         # also the "compile" method
 
 
-def classnames(n, seed=0):
-    """n real-looking class names of 1-6 tokens each."""
-    rng = random.Random(seed)
-    return [" ".join(rng.choice(_WORDS) for _ in range(rng.randint(1, 6))) for _ in range(n)]
+def classnames(n):
+    """ImageNet's first n class names (CoOp's spelling); past 1000 (--distributed) they repeat."""
+    names = [line.split(" ", 1)[1] for line in IMAGENET_CLASSNAMES.read_text().splitlines()]
+    return [names[i % len(names)] for i in range(n)]
 
 
 def shallow(config, text_layers, vision_layers=1):
@@ -108,6 +106,7 @@ class _TrainInputs:
     names: list                # class names
     ctx: torch.Tensor          # (M, W) fp32, N(0, 0.02)
     meta_state: dict | None    # CoCoOp: the Meta-Net's initial state
+    eots: list                 # each class's EOT position in the prompt "X X ... X {name}." (host ints)
 
 
 def _train_inputs(case, config, device):
@@ -118,7 +117,21 @@ def _train_inputs(case, config, device):
     labels = torch.randint(0, case.classes, (case.batch,), generator=g).to(device)
     ctx = (torch.randn(case.n_ctx, config.text_width, generator=g) * 0.02).to(device)
     meta = official.meta_net(config.embed_dim, config.text_width).state_dict() if case.kind == "cocoop" else None
-    return _TrainInputs(images, labels, classnames(case.classes), ctx, meta)
+    names = classnames(case.classes)
+    prompts = [" ".join(["X"] * case.n_ctx) + " " + name.replace("_", " ") + "." for name in names]
+    return _TrainInputs(images, labels, names, ctx, meta, tokenize(prompts).argmax(dim=-1).tolist())
+
+
+def text_tokens(case, eots, settings: Settings, buckets=False):
+    """Token positions ours' text encoder runs per step: every prompt (CoCoOp: one per image and
+    class) padded to its chunk's longest, in FastPromptedCLIP's chunks (buckets: fast.bucket_cuts');
+    with the shared prefix, [SOS, ctx] once (CoCoOp: once per image) and the rest per prompt."""
+    groups = case.batch if case.kind == "cocoop" else 1
+    eots, limit = eots * groups, FastConfig.max_prompts_per_chunk
+    chunks = bucket_cuts(eots, limit) if buckets else [
+        (range(a, min(a + limit, len(eots))), max(eots) + 1) for a in range(0, len(eots), limit)]
+    prefix = 1 + case.n_ctx if settings.shared_prefix else 0
+    return groups * prefix + sum(len(idx) * (length - prefix) for idx, length in chunks)
 
 
 def _official_train_step(models, inputs):
@@ -171,6 +184,11 @@ def train_methods(case, models, device, settings: Settings, measure=None):
     if settings.cuda_graph and measure is None:
         methods["graph"] = run_method(partial(_ours_train_step, models, case, inputs, settings, cuda_graph=True),
                                       device, max(settings.warmup, 3), case.repeats, models.ours_bytes)
+    per_prompt = (case.batch if case.kind == "cocoop" else 1) * models.config.context_length   # 77 each
+    methods["official"]["text_tokens"] = per_prompt * case.classes
+    methods["ours"]["text_tokens"] = text_tokens(case, inputs.eots, settings, settings.length_buckets)
+    if "graph" in methods:
+        methods["graph"]["text_tokens"] = text_tokens(case, inputs.eots, settings, buckets=True)
     return methods
 
 

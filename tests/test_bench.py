@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from coop_min.clip import CLIP, CLIPConfig, LayerNorm, QuickGELU
-from coop_min.tokenizer import tokenize
+from coop_min.tokenizer import encode, tokenize
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # benchmarks/ is a folder beside bench.py, not an installed package
@@ -38,7 +38,7 @@ def test_smoke_run_reports_every_case_with_finite_numbers(tmp_path):
                          capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     table = run.stdout.split("\ntotal ")[-1]  # printed last, after the progress lines
-    assert "official ms" in table and "head case" in table
+    assert "official ms" in table and "head case" in table and "text tokens" in table
     report = json.loads(out.read_text())
     cases = report["cases"]
     kinds = [c["kind"] for c in cases]
@@ -51,9 +51,34 @@ def test_smoke_run_reports_every_case_with_finite_numbers(tmp_path):
             assert _finite(m["ms"]) and m["ms"] > 0 and _finite(m["loss"]), (c["case"], name, m)
             if c["kind"] != "head":
                 assert _finite(m["images_per_s"]), (c["case"], name)
+        if c["kind"] in ("coop", "cocoop"):                  # per step: official pads every prompt to 77
+            prompts = c["classes"] * (c["batch"] if c["kind"] == "cocoop" else 1)
+            assert c["methods"]["official"]["text_tokens"] == 77 * prompts
+            assert prompts <= c["methods"]["ours"]["text_tokens"] < 77 * prompts
         ratio = c["speedup_vs_eager"] if c["kind"] == "head" else c["speedup"]
         assert _finite(ratio) and ratio > 0, c["case"]
         assert c["match"] and c["loss_rel_diff"] <= 1e-5, (c["case"], c["loss_rel_diff"])  # fp32 on CPU
+
+
+def test_class_names_are_imagenets_as_coop_spells_them_with_their_real_token_lengths():
+    lines = methods.IMAGENET_CLASSNAMES.read_text().splitlines()
+    assert len(lines) == 1000 and lines[0] == "n01440764 tench" and lines[21] == "n01608432 kite (bird of prey)"
+    assert [line.split(" ", 1)[0] for line in lines] == sorted(line.split(" ", 1)[0] for line in lines)  # class order
+    names = methods.classnames(1000)
+    lengths = [len(encode(name.replace("_", " "))) for name in names]
+    assert [lengths.count(n) for n in (1, 2, 3)] == [246, 508, 154] and max(lengths) == 12
+    assert methods.classnames(500) == names[:500] and methods.classnames(1001)[1000] == names[0]
+
+
+def test_text_tokens_are_the_prompts_padded_per_chunk():
+    settings = methods.Settings()
+    coop, cocoop = bench.Case("c", "coop", "vit_tiny", 3, 2, 16), bench.Case("c", "cocoop", "vit_tiny", 3, 2, 4)
+    eots = [20, 25, 21]                                       # padded lengths 21, 26, 22
+    assert methods.text_tokens(coop, eots, settings) == 3 * 26
+    assert methods.text_tokens(cocoop, eots, settings) == 2 * 3 * 26            # a prompt per (image, class)
+    assert methods.text_tokens(coop, eots, settings, buckets=True) == 3 * 26    # 8 padded tokens: not worth a chunk
+    shared = methods.Settings(shared_prefix=True)                                # [SOS, 4 ctx] once per image
+    assert methods.text_tokens(cocoop, eots, shared) == 2 * 5 + 2 * 3 * (26 - 5)
 
 
 def _tiny(kind, seed=0):
@@ -131,7 +156,7 @@ def test_gradient_check_catches_a_bug_the_loss_misses(monkeypatch):
     from coop_min import fast
 
     settings = bench.parse_args(["--device", "cpu", "--smoke", "--cases", "coop-vit_tiny-c8"]).settings
-    case, device = bench.Case("coop-c300", "coop", "vit_tiny", 300, 4, 16, repeats=1), torch.device("cpu")
+    case, device = bench.Case("coop-c1000", "coop", "vit_tiny", 1000, 4, 16, repeats=1), torch.device("cpu")
     models = methods.Models(case.arch, device, settings)
     honest = bench.summarise(case, methods.train_methods(case, models, device, settings))
     assert honest["match"] and honest["grad_rel_diff"] < 1e-4          # fp32 on CPU: the same function
