@@ -351,16 +351,13 @@ def infer_config(state_dict) -> CLIPConfig:
             vision_width = sd["visual.conv1.weight"].shape[0]
             vision_layers = len([k for k in sd if k.startswith("visual.") and k.endswith(".attn.in_proj_weight")])
             patch = sd["visual.conv1.weight"].shape[-1]
-            grid = round((sd["visual.positional_embedding"].shape[0] - 1) ** 0.5)
+            grid = _grid(sd, "visual.positional_embedding")
             resolution, heads = patch * grid, vision_width // 64
         else:
             vision_layers = tuple(len({k.split(".")[2] for k in sd if k.startswith(f"visual.layer{b}.")})
                                   for b in (1, 2, 3, 4))
             vision_width = sd["visual.layer1.0.conv1.weight"].shape[0]
-            n_pos = sd["visual.attnpool.positional_embedding"].shape[0]
-            grid = round((n_pos - 1) ** 0.5)
-            if grid * grid + 1 != n_pos:
-                raise ValueError(f"visual.attnpool.positional_embedding has {n_pos} rows, not a square grid + 1")
+            grid = _grid(sd, "visual.attnpool.positional_embedding")
             patch, resolution, heads = None, grid * 32, vision_width * 32 // 64
         text_width = sd["ln_final.weight"].shape[0]
         return CLIPConfig(
@@ -372,28 +369,107 @@ def infer_config(state_dict) -> CLIPConfig:
             text_layers=len({k.split(".")[2] for k in sd if k.startswith("transformer.resblocks.")}))
     except KeyError as e:
         raise ValueError(f"state dict is not a CLIP in the OpenAI key layout: missing {e.args[0]!r}") from None
+    except IndexError:
+        raise ValueError("state dict is not a CLIP: a tensor that gives a size has too few dimensions") from None
+
+
+def _grid(sd, key):
+    """The side of the square grid of patches that a (grid * grid + 1, width) positional embedding covers."""
+    n_pos = sd[key].shape[0]
+    grid = math.isqrt(max(n_pos - 1, 0))
+    if n_pos < 2 or grid * grid + 1 != n_pos:
+        raise ValueError(f"{key} has {n_pos} rows, not a square grid + 1")
+    return grid
+
+
+# Sizes beyond these are a corrupt or hostile config, not a CLIP: every OpenAI and open_clip model with
+# OpenAI's text tower lies well inside (the largest, ViT-bigG-14: 1664 wide, 48 layers; RN50x64: 448 px
+# and a 4096-wide attention pool; all: 77 tokens, 49408 ids), and a CLIP at the bounds would already
+# take hundreds of GiB.
+_MAX_WIDTH, _MAX_LAYERS = 8192, 128
+_MAX_SIZES = {"embed_dim": _MAX_WIDTH, "image_resolution": 1024, "vision_width": _MAX_WIDTH,
+              "vision_patch_size": 1024, "vision_heads": _MAX_WIDTH, "context_length": 1024,
+              "vocab_size": 1_000_000, "text_width": _MAX_WIDTH, "text_heads": _MAX_WIDTH, "text_layers": _MAX_LAYERS}
+# the fields the weights show; the head counts and the activation leave no trace in the shapes
+_SHAPE_FIELDS = ("embed_dim", "image_resolution", "vision_layers", "vision_width", "vision_patch_size",
+                 "context_length", "vocab_size", "text_width", "text_layers")
+
+
+def _is_int(v):
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_depth(v):  # a ViT's layer count, or a ResNet's four stage depths
+    return _is_int(v) or isinstance(v, (list, tuple)) and len(v) == 4 and all(map(_is_int, v))
+
+
+def _is_patch(v):  # None for ResNets
+    return v is None or _is_int(v)
+
+
+def _is_bool(v):
+    return isinstance(v, bool)
+
+
+_FIELD_KINDS = {"vision_layers": ("an int or a list of 4 ints", _is_depth),
+                "vision_patch_size": ("an int or null", _is_patch), "quick_gelu": ("true or false", _is_bool)}
+
+
+def _check_config(c: dict):
+    """Raises ValueError unless the CLIPConfig fields c could be a CLIP: types, sizes, heads."""
+    for k, v in c.items():
+        kind, ok = _FIELD_KINDS.get(k, ("an int", _is_int))
+        if not ok(v):
+            raise ValueError(f"{k} must be {kind}, got {v!r}")
+    depths = [c["vision_layers"]] if _is_int(c["vision_layers"]) else c["vision_layers"]
+    pool_width = c["vision_width"] * (1 if _is_int(c["vision_layers"]) else 32)  # a ResNet pools 32x its stem
+    sizes = [(k, c[k], top) for k, top in _MAX_SIZES.items() if c[k] is not None]
+    sizes += [("vision_layers", d, _MAX_LAYERS) for d in depths]
+    sizes += [("the image attention width", pool_width, _MAX_WIDTH)]
+    for name, v, top in sizes:
+        if not 1 <= v <= top:
+            raise ValueError(f"{name} is {v}, outside 1..{top} where every real CLIP lies")
+    for tower, width, heads in (("vision", pool_width, c["vision_heads"]), ("text", c["text_width"], c["text_heads"])):
+        if width % heads:
+            raise ValueError(f"{tower}_heads {heads} does not divide the {tower} attention width {width}")
+
+
+def _resolved_config(inferred: CLIPConfig, config) -> CLIPConfig:
+    """inferred, with the fields config (a CLIPConfig, a dict of some of its fields, or None) sets; checked
+    against what a CLIP can be and against the weights, before anything is built."""
+    if config is not None and not isinstance(config, (CLIPConfig, dict)):
+        raise ValueError(f"config must be a CLIPConfig or a dict of its fields, not a {type(config).__name__}")
+    fields = asdict(inferred)
+    given = asdict(config) if isinstance(config, CLIPConfig) else dict(config or {})
+    unknown = [k for k in given if k not in fields]
+    if unknown:
+        raise ValueError(f"unknown config fields {unknown[:3]}; CLIPConfig has {list(fields)}")
+    c = {**fields, **given}
+    _check_config(c)
+    for k in _SHAPE_FIELDS:
+        ours, shown = (tuple(v) if isinstance(v, list) else v for v in (c[k], fields[k]))
+        if ours != shown:
+            raise ValueError(f"config says {k}={c[k]!r} but the weights' shapes say {shown!r}")
+    return CLIPConfig(**{**c, "vision_layers": fields["vision_layers"]})
 
 
 def build_clip(state_dict, config: CLIPConfig | dict | None = None) -> "CLIP":
     """An fp32, eval-mode, frozen CLIP from a state dict in the OpenAI key layout.
 
     `config` overrides inferred fields (a dict of CLIPConfig fields), e.g. head counts of models whose
-    width is not 64 per head, or quick_gelu=False for open_clip models trained with GELU.
+    width is not 64 per head, or quick_gelu=False for open_clip models trained with GELU. Fields the
+    shapes show must agree with them; sizes no CLIP has are refused.
     """
     sd = {k: v for k, v in state_dict.items() if k not in ("input_resolution", "context_length", "vocab_size")}
-    cfg = infer_config(sd)
-    if isinstance(config, CLIPConfig):
-        cfg = config
-    elif config:
-        cfg = CLIPConfig(**{**asdict(cfg), **config})
-    if isinstance(cfg.vision_layers, list):
-        cfg.vision_layers = tuple(cfg.vision_layers)
+    cfg = _resolved_config(infer_config(sd), config)
+    with torch.device("meta"):  # names and shapes checked without memory: tiny tensors may claim huge layers
+        _check_fits(CLIP(cfg), sd)
     model = CLIP(cfg)
-    _load_strict(model, sd)
+    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in sd.items()})
     return model.float().eval().requires_grad_(False)
 
 
-def _load_strict(model, sd):
+def _check_fits(model, sd):
     own = model.state_dict()
     missing = [k for k in own if k not in sd]
     extra = [k for k in sd if k not in own]
@@ -403,7 +479,6 @@ def _load_strict(model, sd):
     bad = [(k, tuple(sd[k].shape), tuple(v.shape)) for k, v in own.items() if sd[k].shape != v.shape]
     if bad:
         raise ValueError(f"state dict shapes fit no CLIP: {len(bad)} mismatches, e.g. {bad[:3]} (got, expected)")
-    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in sd.items()})
 
 
 def convert_dtype(model: CLIP, dtype) -> CLIP:
@@ -421,6 +496,9 @@ def convert_dtype(model: CLIP, dtype) -> CLIP:
     return model
 
 
+_RECONVERT = "reconvert the checkpoint with python -m coop_min.weights.convert"
+
+
 def load_clip(path, device="cpu", dtype=None) -> CLIP:
     """A CLIP from a safetensors file written by weights/convert.py (config in its metadata)."""
     from safetensors import safe_open
@@ -430,13 +508,29 @@ def load_clip(path, device="cpu", dtype=None) -> CLIP:
             meta = f.metadata() or {}
             sd = {k: f.get_tensor(k) for k in f.keys()}
     except FileNotFoundError:
-        raise FileNotFoundError(f"CLIP weights not found: {path}; convert a checkpoint with weights/convert.py") from None
+        raise FileNotFoundError(f"CLIP weights not found: {path}; convert a checkpoint with "
+                                "python -m coop_min.weights.convert") from None
     except Exception as e:
-        raise ValueError(f"cannot read CLIP weights {path} ({e}); is it a safetensors file written by weights/convert.py?") from None
+        raise ValueError(f"cannot read CLIP weights {path} ({' '.join(str(e).split())}); is it a safetensors "
+                         "file written by python -m coop_min.weights.convert?") from None
     try:
-        config = json.loads(meta["config"]) if "config" in meta else None
-        model = build_clip(sd, config).to(device)
-    except (ValueError, TypeError) as e:  # bad config metadata, or tensors that are no CLIP
-        raise ValueError(f"{path} holds no CLIP that loads ({' '.join(str(e).split())}); convert a CLIP "
-                         "checkpoint with weights/convert.py") from None
+        model = build_clip(sd, _metadata_config(meta)).to(device)
+    except (ValueError, TypeError) as e:  # a bad config in the metadata, or tensors that are no CLIP
+        raise ValueError(f"{path} holds no CLIP that loads: {' '.join(str(e).split())}; {_RECONVERT}") from None
     return convert_dtype(model, dtype) if dtype not in (None, torch.float32) else model
+
+
+def _metadata_config(meta):
+    """The CLIPConfig fields in a converted file's "config" metadata; None (infer all) when it has none."""
+    if "config" not in meta:
+        return None
+    try:
+        config = json.loads(meta["config"])
+    except (ValueError, RecursionError) as e:
+        raise ValueError(f"its config metadata is not JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"its config metadata is {meta['config'][:40]!r}, not a JSON object of CLIPConfig fields")
+    missing = [k for k in CLIPConfig.__dataclass_fields__ if k not in config]
+    if missing:
+        raise ValueError(f"its config metadata lacks the fields {missing}")
+    return config

@@ -1,14 +1,18 @@
 """CLIP architectures: every OpenAI model builds from a state dict of its real shapes, and our forward
 matches an independent functional re-implementation of OpenAI's model.py (sequence-first layout,
 nn.MultiheadAttention maths via F.multi_head_attention_forward, an additive -inf causal mask)."""
+import json
 import math
+from dataclasses import asdict
 
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 
+from coop_min import clip as clip_module
 from coop_min.clip import (CLIP, CLIPConfig, LayerNorm, QuickGELU, ResidualAttentionBlock, build_clip,
-                           convert_dtype, infer_config)
+                           convert_dtype, infer_config, load_clip)
 
 # name: (embed, resolution, vision layers, vision width, patch, text width, text heads, text layers)
 OPENAI_MODELS = {
@@ -291,3 +295,92 @@ def test_bad_state_dicts_give_clear_errors():
     with pytest.raises(ValueError, match="image"):
         build_clip(sd, cfg).encode_image(torch.zeros(1, 3, 33, 32))
     assert math.isclose(float(build_clip(sd, cfg).logit_scale.exp()), 1 / 0.07, rel_tol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# hostile files: a bad config is refused before any CLIP is built, in one line naming the file
+
+SMALL = CLIPConfig(32, 32, 2, 64, 8, 2, 77, 49408, 64, 2, 2)
+
+
+def _refuse_real_builds(monkeypatch):
+    """Fails the test if a CLIP is built outside the meta device (where building costs no memory)."""
+    real = clip_module.CLIP
+
+    def meta_only(config):
+        assert torch.empty(0).device.type == "meta", f"built a CLIP of {config} before checking it"
+        return real(config)
+    monkeypatch.setattr(clip_module, "CLIP", meta_only)
+
+
+def _with_config(path, config):
+    """A converted-looking file: SMALL's tensors and `config` (a dict, or raw text) as its metadata."""
+    text = config if isinstance(config, str) else json.dumps(config)
+    save_file(CLIP(SMALL).state_dict(), str(path), metadata={"config": text})
+    return path
+
+
+_DROP = object()
+
+
+def _edit(**fields):
+    config = asdict(SMALL)
+    for k, v in fields.items():
+        if v is _DROP:
+            del config[k]
+        else:
+            config[k] = v
+    return config
+
+
+HOSTILE_CONFIGS = {  # id: (config metadata, what the message names)
+    "zero-heads": (_edit(vision_heads=0), "vision_heads"),
+    "48GiB-text-tower": (_edit(text_width=65536, text_layers=64), "text_width"),
+    "int-as-string": (_edit(text_layers="2"), "text_layers"),
+    "int-as-bool": (_edit(embed_dim=True), "embed_dim"),
+    "int-as-float": (_edit(vision_width=64.0), "vision_width"),
+    "three-resnet-stages": (_edit(vision_layers=[1, 1, 1], vision_patch_size=None), "vision_layers"),
+    "gelu-as-string": (_edit(quick_gelu="yes"), "quick_gelu"),
+    "negative": (_edit(image_resolution=-32), "image_resolution"),
+    "heads-do-not-divide": (_edit(text_heads=3), "text_heads"),
+    "disagrees-with-shapes": (_edit(text_layers=3), "text_layers"),
+    "vocab-disagrees": (_edit(vocab_size=10 ** 6), "vocab_size"),
+    "unknown-field": (_edit(dropout=0.1), "dropout"),
+    "missing-field": (_edit(text_heads=_DROP), "text_heads"),
+    "not-an-object": ("[1, 2]", "not a JSON object"),
+    "not-json": ("{", "not JSON"),
+    "nested-too-deep": ("[" * 100_000, "not JSON"),
+}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE_CONFIGS))
+def test_hostile_config_metadata_is_refused_in_one_line_before_building(tmp_path, monkeypatch, case):
+    config, named = HOSTILE_CONFIGS[case]
+    path = _with_config(tmp_path / "clip.safetensors", config)
+    _refuse_real_builds(monkeypatch)
+    with pytest.raises(ValueError) as e:
+        load_clip(path)
+    message = str(e.value)
+    assert type(e.value) is ValueError and "\n" not in message, message
+    assert str(path) in message and named in message and "python -m coop_min.weights.convert" in message, message
+    assert [p.name for p in tmp_path.iterdir()] == ["clip.safetensors"]
+
+
+def test_tiny_tensors_that_claim_a_huge_tower_are_refused_on_the_meta_device(monkeypatch):
+    sd = CLIP(SMALL).state_dict()
+    sd["ln_final.weight"] = sd["ln_final.bias"] = torch.zeros(8192)  # infers an 8192-wide text tower: ~8 GB
+    _refuse_real_builds(monkeypatch)
+    with pytest.raises(ValueError, match="shapes fit no CLIP"):
+        build_clip(sd)
+
+
+def test_the_config_a_file_states_loads_and_the_bounds_admit_the_largest_open_clip_models(tmp_path):
+    model = load_clip(_with_config(tmp_path / "clip.safetensors", asdict(SMALL)))
+    assert model.config == SMALL
+    # ViT-bigG-14 (1664 wide, 48 layers, 104-wide heads) and ViT-H-14 (80-wide image heads), shapes only
+    for config in (CLIPConfig(1280, 224, 48, 1664, 14, 16, 77, 49408, 1280, 20, 32),
+                   CLIPConfig(1024, 224, 32, 1280, 14, 16, 77, 49408, 1024, 16, 24)):
+        with torch.device("meta"):
+            sd = CLIP(config).state_dict()
+            heads = {"vision_heads": config.vision_heads, "text_heads": config.text_heads}
+            assert build_clip(sd, heads).config == config

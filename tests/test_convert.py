@@ -124,7 +124,7 @@ def test_small_hf_clip_converts_by_cli_and_matches_transformers(tmp_path):
     dst = tmp_path / "clip.safetensors"
     run = subprocess.run([sys.executable, str(ROOT / "weights" / "convert.py"), str(directory), str(dst)],
                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert run.returncode == 0, run.stderr
+    assert run.returncode == 0 and run.stderr == "", run.stderr     # config.json states the activation
     meta = _metadata(dst)
     config = json.loads(meta["config"])
     assert meta["format"] == "huggingface" and config["vision_heads"] == 4 and config["text_heads"] == 4
@@ -165,6 +165,8 @@ def test_hf_gelu_config_converts_to_gelu_and_matches(tmp_path):
     errors = _hf_errors(hf, load_clip(tmp_path / "clip.safetensors"), 2, 32)
     print("HF small gelu", errors)
     assert max(errors.values()) <= 1e-5, errors
+    with pytest.raises(ValueError, match="quick_gelu"):                    # --quickgelu contradicts config.json
+        convert.convert(directory, tmp_path / "quick.safetensors", gelu=False)
 
 
 def test_hf_vit_b16_real_shapes_match_transformers(tmp_path):
@@ -240,7 +242,7 @@ def _openai_half(clip):
 
 @pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")   # OpenAI's format is TorchScript
 @pytest.mark.parametrize("config", [SMALL_VIT, SMALL_RN], ids=["vit", "resnet"])
-def test_openai_torchscript_archive_converts_tensor_for_tensor(tmp_path, config):
+def test_openai_torchscript_archive_converts_tensor_for_tensor(tmp_path, capsys, config):
     clip = _small_clip(config)
     reference = {k: v.clone() for k, v in _openai_half(clip).state_dict().items()}
     traced = torch.jit.trace(_OpenAILayout(clip), torch.ones(1))
@@ -257,6 +259,9 @@ def test_openai_torchscript_archive_converts_tensor_for_tensor(tmp_path, config)
     loaded = torch.jit.load(str(tmp_path / "model.pt")).state_dict()
     assert set(read) == set(loaded) == set(reference) | {"input_resolution", "context_length", "vocab_size"}
     assert all(torch.equal(read[k], loaded[k]) and read[k].dtype == loaded[k].dtype for k in read)
+    capsys.readouterr()                                  # OpenAI's archives are QuickGELU: nothing to warn about
+    assert convert.main([str(tmp_path / "model.pt"), str(tmp_path / "cli.safetensors")]) == 0
+    assert capsys.readouterr().err == ""
 
 
 def _malicious_pickle(marker, inside_torchscript_module):
@@ -357,3 +362,154 @@ def test_rn50_real_shapes_round_trip_through_a_state_dict(tmp_path):
     ours, images, tokens = load_clip(tmp_path / "clip.safetensors"), torch.randn(1, 3, 224, 224), _tokens()
     assert torch.equal(ours.encode_image(images), clip.encode_image(images))
     assert torch.equal(ours.encode_text(tokens), clip.encode_text(tokens))
+
+
+# ----------------------------------------------------------------------------------------------
+# hostile inputs: exit 2 and one line, before anything big is read or anything is written
+
+
+def _refused(capsys, src, dst):
+    """_cli_error, plus: DST was not written and nothing was left beside it."""
+    before = sorted(p.name for p in dst.parent.iterdir())
+    err = _cli_error(capsys, src, dst)
+    assert not dst.exists() and sorted(p.name for p in dst.parent.iterdir()) == before
+    return err
+
+
+HOSTILE_HF_CONFIGS = {  # id: (config.json text, what the message names)
+    "list": ("[1, 2]", "not a JSON object"),
+    "null": ("null", "not a JSON object"),
+    "string": ('"clip"', "not a JSON object"),
+    "not-utf8": (b"\xff\xfe{", "config.json"),
+    "nested-too-deep": ("[" * 100_000, "config.json"),
+    "text_config-list": ({"model_type": "clip", "text_config": [1]}, "text_config"),
+    "vision_config_dict-string": ({"model_type": "clip", "vision_config_dict": "x"}, "vision_config_dict"),
+    "layers-as-string": ({"model_type": "clip", "text_config": {"num_hidden_layers": "12"}}, "num_hidden_layers"),
+    "layers-as-float": ({"model_type": "clip", "vision_config": {"num_hidden_layers": 1e8}}, "num_hidden_layers"),
+    "layers-1e8": ({"model_type": "clip", "vision_config": {"num_hidden_layers": 10 ** 8}}, "num_hidden_layers"),
+    "heads-as-string": ({"model_type": "clip", "text_config": {"num_attention_heads": "8"}}, "num_attention_heads"),
+}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE_HF_CONFIGS))
+def test_hostile_hf_config_json_exits_2_in_one_line(tmp_path, capsys, case):
+    config, named = HOSTILE_HF_CONFIGS[case]
+    directory = tmp_path / "hf"
+    directory.mkdir()
+    raw = config if isinstance(config, (str, bytes)) else json.dumps(config)
+    (directory / "config.json").write_bytes(raw if isinstance(raw, bytes) else raw.encode())
+    save_file({"logit_scale": torch.zeros(())}, directory / "model.safetensors")   # weights the config is read with
+    err = _refused(capsys, directory, tmp_path / "clip.safetensors")
+    assert named in err, err
+
+
+def _indexed_dir(tmp_path, weight_map):
+    """A CLIPModel directory whose weights are named by model.safetensors.index.json."""
+    directory = tmp_path / "hf"
+    directory.mkdir()
+    (directory / "config.json").write_text(json.dumps({"model_type": "clip"}))
+    index = {"metadata": {}} if weight_map is None else {"metadata": {}, "weight_map": weight_map}
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index))
+    return directory
+
+
+@pytest.mark.parametrize("case", ["no-weight_map", "list-weight_map", "number-shard", "dot-dot", "absolute",
+                                  "symlink-out"])
+def test_bad_shard_index_exits_2_and_reads_nothing_outside_the_folder(tmp_path, capsys, case):
+    outside = tmp_path / "elsewhere" / "secret.safetensors"
+    outside.parent.mkdir()
+    save_file({"text_projection.weight": torch.zeros(2, 2)}, outside)
+    shard = {"no-weight_map": None, "list-weight_map": ["model-1.safetensors"], "number-shard": {"a": 1},
+             "dot-dot": {"a": "../elsewhere/secret.safetensors"}, "absolute": {"a": str(outside)},
+             "symlink-out": {"a": "link.safetensors"}}[case]
+    directory = _indexed_dir(tmp_path, shard)
+    if case == "symlink-out":
+        (directory / "link.safetensors").symlink_to(outside)
+    err = _refused(capsys, directory, tmp_path / "clip.safetensors")
+    assert ("outside" in err) if case in ("dot-dot", "absolute", "symlink-out") else ("weight_map" in err), err
+
+
+def test_hf_hub_cache_snapshot_whose_shards_link_into_blobs_converts(tmp_path):
+    """The hub cache keeps files in <repo>/blobs and links to them from <repo>/snapshots/<rev>/."""
+    hf, directory = _hf_clip(tmp_path, 3, *_small_hf_config(), projection_dim=32)
+    convert.convert(directory, tmp_path / "single.safetensors")
+    repo = tmp_path / "models--org--clip"
+    snapshot, blobs = repo / "snapshots" / "abc123", repo / "blobs"
+    snapshot.mkdir(parents=True)
+    blobs.mkdir()
+    hf.save_pretrained(tmp_path / "sharded", max_shard_size="200KB")
+    for i, f in enumerate(sorted((tmp_path / "sharded").iterdir())):
+        f.rename(blobs / f"blob{i}")
+        (snapshot / f.name).symlink_to(f"../../blobs/blob{i}")
+    convert.convert(snapshot, tmp_path / "cached.safetensors")
+    assert load_file(tmp_path / "cached.safetensors").keys() == load_file(tmp_path / "single.safetensors").keys()
+
+
+@pytest.fixture
+def opened_entries(monkeypatch):
+    """The names of the zip entries anything opens (reads) during the test."""
+    names, real_open = [], zipfile.ZipFile.open
+
+    def spy(self, name, *args, **kwargs):
+        names.append(getattr(name, "filename", name))
+        return real_open(self, name, *args, **kwargs)
+    monkeypatch.setattr(zipfile.ZipFile, "open", spy)
+    return names
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")
+@pytest.mark.parametrize("damage", ["oversize", "undersize"])
+def test_torchscript_storage_of_the_wrong_size_is_refused_before_it_is_read(tmp_path, capsys, opened_entries,
+                                                                           damage):
+    torch.jit.save(torch.jit.trace(_OpenAILayout(_small_clip(SMALL_VIT)), torch.ones(1)), str(tmp_path / "ok.pt"))
+    with zipfile.ZipFile(tmp_path / "ok.pt") as src, zipfile.ZipFile(tmp_path / "bad.pt", "w") as dst:
+        storages = [i for i in src.infolist() if "/data/" in i.filename]
+        victim = max(storages, key=lambda i: i.file_size)
+        for info in src.infolist():
+            data = src.read(info)
+            if info is victim:   # a storage entry 8 MiB longer than its tensors need, or half as long
+                data = data + bytes(8 << 20) if damage == "oversize" else data[: len(data) // 2]
+            dst.writestr(info.filename, data)
+    opened_entries.clear()
+    err = _refused(capsys, tmp_path / "bad.pt", tmp_path / "clip.safetensors")
+    assert "bytes in the zip" in err and victim.filename not in opened_entries, err
+
+
+def test_zip_bomb_is_refused_before_any_entry_is_read(tmp_path, capsys, opened_entries):
+    with zipfile.ZipFile(tmp_path / "bomb.pt", "w", compression=zipfile.ZIP_DEFLATED) as z:
+        z.writestr("bomb/data.pkl", pickle.dumps({}, protocol=2))
+        z.writestr("bomb/constants.pkl", pickle.dumps((), protocol=2))
+        z.writestr("bomb/data/0", bytes(32 << 20))      # 32 MiB of zeros deflate to 32 KiB
+    opened_entries.clear()
+    err = _refused(capsys, tmp_path / "bomb.pt", tmp_path / "clip.safetensors")
+    assert "zip bomb" in err and opened_entries == [], err
+
+
+# ----------------------------------------------------------------------------------------------
+# the activation a plain state dict cannot show
+
+
+@pytest.mark.parametrize("flags, quick_gelu, warned", [([], True, True), (["--quickgelu"], True, False),
+                                                       (["--gelu"], False, False)],
+                         ids=["unstated", "quickgelu", "gelu"])
+def test_state_dict_activation_is_warned_about_unless_a_flag_states_it(tmp_path, capsys, flags, quick_gelu, warned):
+    torch.save(_small_clip(SMALL_VIT).state_dict(), tmp_path / "sd.pt")
+    capsys.readouterr()
+    assert convert.main([str(tmp_path / "sd.pt"), str(tmp_path / "clip.safetensors"), *flags]) == 0
+    err = capsys.readouterr().err
+    assert json.loads(_metadata(tmp_path / "clip.safetensors")["config"])["quick_gelu"] is quick_gelu
+    if warned:
+        assert err.count("\n") == 1 and err.startswith("convert.py: warning: ") and "QuickGELU" in err, err
+        assert "--gelu" in err and "--quickgelu" in err, err
+    else:
+        assert err == ""
+
+
+def test_gelu_and_quickgelu_together_exit_2_in_one_line(tmp_path, capsys):
+    torch.save(_small_clip(SMALL_VIT).state_dict(), tmp_path / "sd.pt")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        convert.main([str(tmp_path / "sd.pt"), str(tmp_path / "clip.safetensors"), "--gelu", "--quickgelu"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "--quickgelu" in err, err
+    assert not (tmp_path / "clip.safetensors").exists()

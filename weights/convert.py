@@ -1,16 +1,18 @@
 """Convert a CLIP checkpoint to the safetensors file that coop_min.clip.load_clip reads.
 
-    python -m coop_min.weights.convert SRC DST.safetensors [--dtype fp32|fp16] [--gelu]
+    python -m coop_min.weights.convert SRC DST.safetensors [--dtype fp32|fp16] [--gelu | --quickgelu]
     python weights/convert.py SRC DST.safetensors ...          (the same, from a checkout)
 
 SRC is detected, not declared:
   - an OpenAI TorchScript archive (ViT-B-16.pt, RN50.pt, ...), read by a restricted unpickler that
-    builds tensors and runs no pickled code; a plain torch.save file of a state dict is read with
-    torch.load(weights_only=True);
+    builds tensors and runs no pickled code, and reads no storage whose size in the zip is not what
+    its tensors need; a plain torch.save file of a state dict is read with torch.load(weights_only=True).
+    A zip whose entries unpack to far more than the file (a zip bomb) is refused before either;
   - an OpenAI / open_clip state dict (.pt .pth .bin .ckpt or .safetensors), possibly nested under
     "state_dict" or "model" and with DDP "module." prefixes (open_clip's key names are OpenAI's);
-  - a Hugging Face CLIPModel directory (config.json + model.safetensors or pytorch_model.bin),
-    mapped key by key onto OpenAI's names.
+  - a Hugging Face CLIPModel directory (config.json + model.safetensors or pytorch_model.bin, or
+    shards named by an index), mapped key by key onto OpenAI's names. Shards must lie inside the
+    directory (or, for a hub cache snapshot, in the cache's blobs folder its links point into).
 
 DST holds OpenAI's key layout as contiguous tensors, fp32 by default (lossless from every source;
 fp16 halves the file and rounds every float tensor), and string metadata: "config" (JSON of
@@ -19,7 +21,8 @@ the weight files for a directory), "format" (openai-jit | state-dict | huggingfa
 built with coop_min.clip.build_clip before it is written, and it replaces DST atomically.
 
 Two facts are not in the weights. The activation: OpenAI's and open_clip's "-quickgelu" models use
-QuickGELU (the default); most LAION-trained open_clip models use nn.GELU (pass --gelu). The head
+QuickGELU (the default); most LAION-trained open_clip models use nn.GELU (pass --gelu). A plain state
+dict does not say which, so without --gelu or --quickgelu a warning says QuickGELU was assumed. The head
 count, inferred as width / 64 as OpenAI does: open_clip's ViT-H-14 image tower (80-wide heads)
 needs --vision-heads 16. A Hugging Face config.json states both, and contradicting flags are refused.
 """
@@ -46,6 +49,8 @@ from coop_min.files import atomic_write
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 _TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 _OPENAI_EXTRAS = ("input_resolution", "context_length", "vocab_size")  # int buffers in OpenAI's archives
+_MAX_ZIP_RATIO = 10     # torch writes zip entries uncompressed: together they are the file's size, not 10x it
+_MAX_LAYERS = 128       # coop_min.clip refuses deeper towers too; no CLIP comes near
 
 
 # ----------------------------------------------------------------------------------------------
@@ -94,16 +99,41 @@ class _RestrictedUnpickler(pickle.Unpickler):
 
     def persistent_load(self, pid):
         # ("storage", dtype, key, location, numel) -> the flat tensor of <archive>/data/<key>
-        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and isinstance(pid[1], torch.dtype)):
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and isinstance(pid[1], torch.dtype)
+                and isinstance(pid[2], str) and type(pid[4]) is int and pid[4] >= 0):
             raise pickle.UnpicklingError(f"unexpected persistent id {str(pid)[:80]}")
         _, dtype, key, _, numel = pid
         if key not in self._storages:
-            data = bytearray(self._archive.read(f"{self._prefix}data/{key}"))
-            flat = torch.frombuffer(data, dtype=dtype) if data else torch.empty(0, dtype=dtype)
-            if flat.numel() != numel:
-                raise pickle.UnpicklingError(f"storage {key} holds {flat.numel()} elements, not {numel}")
-            self._storages[key] = flat
+            self._storages[key] = self._read_storage(key, dtype, numel)
         return self._storages[key]
+
+    def _read_storage(self, key, dtype, numel):
+        name, size = f"{self._prefix}data/{key}", numel * dtype.itemsize
+        try:
+            info = self._archive.getinfo(name)
+        except KeyError:
+            raise pickle.UnpicklingError(f"storage {key} is not in the archive") from None
+        if info.file_size != size:  # checked before reading: the zip directory may claim gigabytes
+            raise pickle.UnpicklingError(f"storage {key} is {info.file_size} bytes in the zip, but its tensors "
+                                         f"need {numel} x {dtype.itemsize} = {size}")
+        data = bytearray(self._archive.read(name))
+        if len(data) != size:
+            raise pickle.UnpicklingError(f"storage {key} unpacks to {len(data)} bytes, not the {size} of its entry")
+        return torch.frombuffer(data, dtype=dtype) if data else torch.empty(0, dtype=dtype)
+
+
+def _open_zip(path) -> zipfile.ZipFile:
+    """The zip archive at path, refused before any entry is read if it is a zip bomb."""
+    try:
+        archive = zipfile.ZipFile(path)
+    except zipfile.BadZipFile as e:
+        raise ValueError(f"cannot read {path} as a zip archive: {e}") from None
+    unpacked, size = sum(info.file_size for info in archive.infolist()), os.path.getsize(path)
+    if unpacked > _MAX_ZIP_RATIO * size:
+        archive.close()
+        raise ValueError(f"{path}: its zip entries unpack to {unpacked} bytes, over {_MAX_ZIP_RATIO}x the file's "
+                         f"{size}; PyTorch stores them uncompressed, so this is no checkpoint (a zip bomb?)")
+    return archive
 
 
 def _torchscript_prefix(archive: zipfile.ZipFile):
@@ -133,7 +163,7 @@ def read_torchscript(path) -> dict:
     A traced module (OpenAI's archives are traced) keeps exactly its parameters and buffers as
     tensor attributes, so this is its state_dict(), with no pickled code run.
     """
-    with zipfile.ZipFile(path) as archive:
+    with _open_zip(path) as archive:
         prefix = _torchscript_prefix(archive)
         if prefix is None:
             raise ValueError(f"{path} is not a TorchScript archive (no <name>/data.pkl beside constants.pkl)")
@@ -237,11 +267,14 @@ _HF_BLOCK = {
 }
 
 
-def _read_json(path):
+def _read_json_object(path):
     try:
-        return json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        obj = json.loads(Path(path).read_text())
+    except (OSError, ValueError, RecursionError) as e:   # ValueError: not JSON, or not UTF-8
         raise ValueError(f"cannot read {path} as JSON: {e}") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path} holds {json.dumps(obj)[:40]}, not a JSON object")
+    return obj
 
 
 def _hf_weight_files(directory):
@@ -251,27 +284,69 @@ def _hf_weight_files(directory):
             return [directory / name]
         index = directory / f"{name}.index.json"
         if index.is_file():
-            return [directory / s for s in sorted(set(_read_json(index)["weight_map"].values()))]
+            return _hf_shards(directory, index)
     raise ValueError(f"{directory} has no model.safetensors or pytorch_model.bin (TF/Flax weights do not convert)")
+
+
+def _hf_shards(directory, index):
+    """The shard files that an index's weight_map names, each a file inside directory."""
+    weight_map = _read_json_object(index).get("weight_map")
+    if not (isinstance(weight_map, dict) and weight_map and all(isinstance(v, str) for v in weight_map.values())):
+        raise ValueError(f"{index} has no weight_map of weight names to shard file names; download the model again")
+    d = directory.resolve()
+    # a hub cache snapshot (<repo>/snapshots/<rev>) holds links into <repo>/blobs
+    homes = [d, d.parent.parent / "blobs"] if d.parent.name == "snapshots" else [d]
+    names = sorted(set(weight_map.values()))
+    for name in names:
+        if not any((directory / name).resolve().is_relative_to(home) for home in homes):
+            raise ValueError(f"{index} names the shard {name!r}, which lies outside {directory} (at "
+                             f"{(directory / name).resolve()}); refusing to read it")
+        if not (directory / name).is_file():
+            raise ValueError(f"{index} names the shard {name!r}, which is not a file in {directory}")
+    return [directory / name for name in names]
+
+
+def _hf_shard(path):
+    """The {name: tensor} of one Hugging Face weight file."""
+    weights = _read_safetensors(path) if path.suffix == ".safetensors" else _torch_load(path)
+    if not (isinstance(weights, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in weights.items())):
+        raise ValueError(f"{path} holds no {{name: tensor}} state dict")
+    return weights
+
+
+def _hf_tower(directory, config, tower):
+    """config.json's <tower>_config over transformers' defaults, checked; the very old <tower>_config_dict,
+    which transformers prefers, over both."""
+    c = dict(_HF_TEXT_DEFAULTS if tower == "text" else _HF_VISION_DEFAULTS)
+    for key in (f"{tower}_config", f"{tower}_config_dict"):
+        sub = config.get(key)
+        if sub is not None and not isinstance(sub, dict):
+            raise ValueError(f"{directory}/config.json: {key} is {json.dumps(sub)[:40]}, not a JSON object")
+        c |= sub or {}
+    layers, heads = c["num_hidden_layers"], c["num_attention_heads"]
+    if type(layers) is not int or not 1 <= layers <= _MAX_LAYERS:
+        raise ValueError(f"{directory}/config.json: {tower} num_hidden_layers is {layers!r}, not an int from 1 "
+                         f"to {_MAX_LAYERS}")
+    if type(heads) is not int or heads < 1:
+        raise ValueError(f"{directory}/config.json: {tower} num_attention_heads is {heads!r}, not a positive int")
+    if c["hidden_act"] not in ("quick_gelu", "gelu"):
+        raise ValueError(f"{directory}: {tower} hidden_act {c['hidden_act']!r} is neither 'quick_gelu' nor 'gelu'")
+    if c["layer_norm_eps"] != 1e-5:
+        raise ValueError(f"{directory}: {tower} layer_norm_eps is {c['layer_norm_eps']}, coop_min's CLIP uses 1e-5")
+    return c
 
 
 def _hf_configs(directory):
     """(text, vision) sub-configs of a CLIPModel config.json, HF defaults filled in; refuses others."""
-    config = _read_json(directory / "config.json")
+    config = _read_json_object(directory / "config.json")
     kind = config.get("model_type")
     if kind in ("clip_vision_model", "clip_text_model"):
         raise ValueError(f"{directory} is a Hugging Face {kind}, one tower of CLIP; convert a full CLIPModel")
     if kind != "clip":
         raise ValueError(f"{directory} holds model_type {kind!r}, not a Hugging Face CLIPModel ('clip'); Hugging Face "
                          "has no ResNet CLIP: convert OpenAI's RN*.pt or an open_clip state dict instead")
-    # very old config.json files carry text_config_dict / vision_config_dict, which transformers prefers
-    text = {**_HF_TEXT_DEFAULTS, **config.get("text_config", {}), **(config.get("text_config_dict") or {})}
-    vision = {**_HF_VISION_DEFAULTS, **config.get("vision_config", {}), **(config.get("vision_config_dict") or {})}
-    for tower, c in (("text", text), ("vision", vision)):
-        if c["hidden_act"] not in ("quick_gelu", "gelu"):
-            raise ValueError(f"{directory}: {tower} hidden_act {c['hidden_act']!r} is neither 'quick_gelu' nor 'gelu'")
-        if c["layer_norm_eps"] != 1e-5:
-            raise ValueError(f"{directory}: {tower} layer_norm_eps is {c['layer_norm_eps']}, coop_min's CLIP uses 1e-5")
+    text, vision = _hf_tower(directory, config, "text"), _hf_tower(directory, config, "vision")
     if text["hidden_act"] != vision["hidden_act"]:
         raise ValueError(f"{directory}: text and vision towers use different activations "
                          f"({text['hidden_act']!r}, {vision['hidden_act']!r}); coop_min's CLIP uses one")
@@ -286,7 +361,7 @@ def from_huggingface(directory):
     text, vision = _hf_configs(directory)
     hf = {}
     for f in _hf_weight_files(directory):
-        hf.update(_read_safetensors(f) if f.suffix == ".safetensors" else _torch_load(f))
+        hf.update(_hf_shard(f))
     key_map = {ours: (theirs,) for ours, theirs in _HF_TOP.items()}      # OpenAI key -> HF keys to concatenate
     for ours, theirs, n in (("visual.transformer", "vision_model.encoder", vision["num_hidden_layers"]),
                             ("transformer", "text_model.encoder", text["num_hidden_layers"])):
@@ -326,7 +401,7 @@ def _read_checkpoint(src):
         raise ValueError(f"unknown checkpoint format {src.name!r}: expected an OpenAI/open_clip "
                          f"{'/'.join(_TORCH_SUFFIXES)} or .safetensors file, or a Hugging Face CLIPModel directory")
     if zipfile.is_zipfile(src):
-        with zipfile.ZipFile(src) as archive:
+        with _open_zip(src) as archive:
             is_torchscript = _torchscript_prefix(archive) is not None
         if is_torchscript:
             return _openai_layout(read_torchscript(src), src), {}, "openai-jit"
@@ -354,8 +429,11 @@ def _sha256(paths):
     return h.hexdigest()
 
 
-def convert(src, dst, dtype="fp32", gelu=False, vision_heads=None, text_heads=None) -> dict:
-    """Write the CLIP checkpoint src as an OpenAI-layout safetensors file dst; returns its metadata."""
+def convert(src, dst, dtype="fp32", gelu=None, vision_heads=None, text_heads=None) -> dict:
+    """Write the CLIP checkpoint src as an OpenAI-layout safetensors file dst; returns its metadata.
+
+    gelu: True for nn.GELU, False for QuickGELU, None to take what the source states (QuickGELU when
+    it states nothing); a flag that contradicts a Hugging Face config.json is refused."""
     src, dst = Path(src), Path(dst)
     if dtype not in _DTYPES:
         raise ValueError(f"dtype {dtype!r} is not one of {list(_DTYPES)}")
@@ -364,7 +442,7 @@ def convert(src, dst, dtype="fp32", gelu=False, vision_heads=None, text_heads=No
     if not dst.parent.is_dir():
         raise FileNotFoundError(f"output folder {dst.parent} does not exist")
     sd, stated, fmt = _read_checkpoint(src)
-    asked = {"quick_gelu": False} if gelu else {}
+    asked = {} if gelu is None else {"quick_gelu": not gelu}
     asked |= {k: v for k, v in (("vision_heads", vision_heads), ("text_heads", text_heads)) if v is not None}
     for k, v in asked.items():
         if k in stated and stated[k] != v:
@@ -389,19 +467,27 @@ def main(argv=None):
     parser.add_argument("dst", help="output .safetensors file (replaced atomically)")
     parser.add_argument("--dtype", choices=list(_DTYPES), default="fp32",
                         help="dtype of the float tensors written (default fp32, lossless; fp16 halves the file)")
-    parser.add_argument("--gelu", action="store_true",
-                        help="the model uses nn.GELU, not OpenAI's QuickGELU (most LAION open_clip models)")
+    activation = parser.add_mutually_exclusive_group()
+    activation.add_argument("--gelu", action="store_true",
+                            help="the model uses nn.GELU, not OpenAI's QuickGELU (most LAION open_clip models)")
+    activation.add_argument("--quickgelu", action="store_true",
+                            help="the model uses QuickGELU (OpenAI, open_clip -quickgelu): assumed, but say so")
     parser.add_argument("--vision-heads", type=int, help="image-tower heads when not width/64 (open_clip ViT-H-14: 16)")
     parser.add_argument("--text-heads", type=int, help="text-tower heads when not width/64")
     args = parser.parse_args(argv)
     for name in ("vision_heads", "text_heads"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    gelu = True if args.gelu else False if args.quickgelu else None
     try:
-        meta = convert(args.src, args.dst, args.dtype, args.gelu, args.vision_heads, args.text_heads)
+        meta = convert(args.src, args.dst, args.dtype, gelu, args.vision_heads, args.text_heads)
     except (ValueError, OSError, SafetensorError) as e:   # SafetensorError: e.g. DST not writable
         print(f"convert.py: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
+    if meta["format"] == "state-dict" and gelu is None:
+        print("convert.py: warning: a state dict does not say its activation; QuickGELU assumed (OpenAI, open_clip "
+              "-quickgelu); convert again with --gelu if it is nn.GELU (most LAION open_clip), or pass --quickgelu",
+              file=sys.stderr)
     c = json.loads(meta["config"])
     arch = f"ViT {c['vision_layers']}x{c['vision_width']}/{c['vision_patch_size']}" if c["vision_patch_size"] else \
         f"ResNet {c['vision_layers']}x{c['vision_width']}"
