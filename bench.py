@@ -21,8 +21,10 @@ paths compute the same loss on the same inputs (relative TOLERANCE: fp16 against
 train steps, the same first-step gradient of the context (relative GRAD_TOLERANCE): at random init
 the loss sits near log C whatever the prompts, so it alone misses real bugs. Each method is timed
 after a warm-up as the median of N steps (benchmarks/timing.py); peak memory is that method alone,
-its CLIP weights included. A method that runs out of memory reports OOM. The process exits 1 if a
-check failed.
+its CLIP weights included. A method that runs out of memory reports OOM. The graph and compile
+methods, whose first calls vouch for nothing (a graph's are eager warm-ups), are checked after
+timing against as many eager steps from the same start (benchmarks/checks.py): a mismatch prints
+FAIL in place of the time and no speedup. The process exits 1 if a check failed.
 
 Instead of timing, on the CPU: `--memory` models each train case's peak GPU memory
 (benchmarks/memory.py) and `--cost` each train and zero-shot case's GPU work from its ops
@@ -90,9 +92,9 @@ def all_cases(smoke=False):
 
 
 def summarise(case, methods):
-    """The case's JSON record: its sizes, each method's numbers, ratios and the same-function check."""
+    """The case's JSON record: its sizes, each method's numbers, ratios and the same-function checks."""
     res = {"case": case.name, **{k: v for k, v in asdict(case).items() if k != "name"}, "methods": methods}
-    ms = {name: r.get("ms") for name, r in methods.items()}
+    ms = {name: r.get("ms") if _passed(r) else None for name, r in methods.items()}   # failed check: no speedup
     if case.kind == "head":
         base, new = methods["eager"], methods["fused"]
         res["speedup_vs_eager"] = _ratio(ms["eager"], ms["fused"])
@@ -115,7 +117,13 @@ def summarise(case, methods):
     if "official" in grads and "ours" in grads:
         res["grad_rel_diff"] = _grad_rel_diff(grads["ours"], grads["official"])
         res["match"] = res.get("match", True) and res["grad_rel_diff"] <= GRAD_TOLERANCE
+    res["checks_passed"] = all(_passed(r) for r in methods.values())
     return res
+
+
+def _passed(method):
+    """False where the method's check (benchmarks/checks.py) found it computing something else."""
+    return method.get("check", {}).get("ok", True)
 
 
 def _grad_rel_diff(g, ref):
@@ -137,33 +145,57 @@ def _table_kind(r):
     return "head" if r["kind"] == "head" else "cost" if "gpu_ms" in r["methods"].get("ours", {}) else "train"
 
 
-def _row(r):
-    """One table row; a method that failed shows OOM or error in its columns."""
-    def get(method, key, spec, suffix=""):
-        m = r["methods"].get(method, {})
-        return _fmt(m.get(key), spec, suffix) if "error" not in m else "OOM" if m["error"] == "OOM" else "error"
-    diff = _fmt(r.get("loss_rel_diff"), ".1e") + ("" if "grad_rel_diff" not in r else f" / {r['grad_rel_diff']:.1e}") \
-        + ("" if r.get("match", True) else " FAIL")
-    if _table_kind(r) == "cost":
-        rec = {m: r["methods"][m].get("record", {}) for m in ("official", "ours", "fused")}
-        gb = lambda m, k: _fmt(rec[m].get(k, 0) / 1e9, ".1f")  # noqa: E731
-        return (r["case"], _fmt(rec["official"].get("flops", 0) / 1e12, ".2f"), _fmt(rec["ours"].get("flops", 0) / 1e12, ".2f"),
-                f"{gb('official', 'mm_bytes')} / {gb('official', 'other_bytes')}",
-                f"{gb('ours', 'mm_bytes')} / {gb('ours', 'other_bytes')}", gb("fused", "other_bytes"),
-                " / ".join(_fmt(rec[m].get("ops"), ".0f") for m in rec),
-                get("official", "gpu_ms", ".1f"), get("ours", "gpu_ms", ".1f"), get("fused", "gpu_ms", ".1f"),
-                _fmt(_ratio(r["methods"]["official"].get("gpu_ms"), r["methods"]["fused"].get("gpu_ms")), ".1f", "x"), diff)
-    if r["kind"] == "head":
-        return (r["case"], get("fused", "ms", ".3f"), get("eager", "ms", ".3f"), get("compile", "ms", ".3f"),
-                _fmt(r["speedup_vs_eager"], ".2f", "x"), _fmt(r["speedup_vs_compile"], ".2f", "x"),
-                get("fused", "gbps", ".1f"), get("fused", "bandwidth_fraction", ".0%"), get("graph", "ms", ".3f"),
-                get("graph", "bandwidth_fraction", ".0%"), diff)
+def _cell(r, method, key, spec, suffix=""):
+    """One number of one method: OOM or error where it failed, FAIL as the time of a method whose check failed."""
+    m = r["methods"].get(method, {})
+    if "error" in m:
+        return "OOM" if m["error"] == "OOM" else "error"
+    return "FAIL" if key == "ms" and not _passed(m) else _fmt(m.get(key), spec, suffix)
+
+
+def _check_cell(r, *names):
+    """The methods' checks against their eager twins: the larger relative difference, FAIL if too large."""
+    cells = []
+    for name in names:
+        c = r["methods"].get(name, {}).get("check")
+        if c is not None:
+            cells.append(("" if c["ok"] else "FAIL ") + format(max(v for k, v in c.items() if k != "ok"), ".1e"))
+    return " / ".join(cells) or "-"
+
+
+def _diff(r):
+    grad = "" if "grad_rel_diff" not in r else f" / {r['grad_rel_diff']:.1e}"
+    return _fmt(r.get("loss_rel_diff"), ".1e") + grad + ("" if r.get("match", True) else " FAIL")
+
+
+def _cost_row(r):
+    rec = {m: r["methods"][m].get("record", {}) for m in ("official", "ours", "fused")}
+
+    def gb(m, k):
+        return _fmt(rec[m].get(k, 0) / 1e9, ".1f")
+    return (r["case"], _fmt(rec["official"].get("flops", 0) / 1e12, ".2f"), _fmt(rec["ours"].get("flops", 0) / 1e12, ".2f"),
+            f"{gb('official', 'mm_bytes')} / {gb('official', 'other_bytes')}",
+            f"{gb('ours', 'mm_bytes')} / {gb('ours', 'other_bytes')}", gb("fused", "other_bytes"),
+            " / ".join(_fmt(rec[m].get("ops"), ".0f") for m in rec),
+            _cell(r, "official", "gpu_ms", ".1f"), _cell(r, "ours", "gpu_ms", ".1f"), _cell(r, "fused", "gpu_ms", ".1f"),
+            _fmt(_ratio(r["methods"]["official"].get("gpu_ms"), r["methods"]["fused"].get("gpu_ms")), ".1f", "x"),
+            _diff(r))
+
+
+def _head_row(r):
+    return (r["case"], _cell(r, "fused", "ms", ".3f"), _cell(r, "eager", "ms", ".3f"), _cell(r, "compile", "ms", ".3f"),
+            _fmt(r["speedup_vs_eager"], ".2f", "x"), _fmt(r["speedup_vs_compile"], ".2f", "x"),
+            _cell(r, "fused", "gbps", ".1f"), _cell(r, "fused", "bandwidth_fraction", ".0%"), _cell(r, "graph", "ms", ".3f"),
+            _cell(r, "graph", "bandwidth_fraction", ".0%"), _check_cell(r, "compile", "graph"), _diff(r))
+
+
+def _train_row(r):
     third = "compile" if r["kind"] == "zeroshot" else "graph"
-    return (r["case"], get("official", "ms", ".1f"), get("ours", "ms", ".1f"), _fmt(r["speedup"], ".2f", "x"),
-            get(third, "ms", ".1f"), _fmt(r.get(f"speedup_{third}"), ".2f", "x"),
-            get("official", "images_per_s", ".0f"), get("ours", "images_per_s", ".0f"),
-            get("official", "peak_gib", ".2f"), get("ours", "peak_gib", ".2f"), _fmt(r["memory_ratio"], ".1f", "x"),
-            get(third, "peak_gib", ".2f"), _tokens(r), diff)
+    return (r["case"], _cell(r, "official", "ms", ".1f"), _cell(r, "ours", "ms", ".1f"), _fmt(r["speedup"], ".2f", "x"),
+            _cell(r, third, "ms", ".1f"), _fmt(r.get(f"speedup_{third}"), ".2f", "x"), _check_cell(r, third),
+            _cell(r, "official", "images_per_s", ".0f"), _cell(r, "ours", "images_per_s", ".0f"),
+            _cell(r, "official", "peak_gib", ".2f"), _cell(r, "ours", "peak_gib", ".2f"), _fmt(r["memory_ratio"], ".1f", "x"),
+            _cell(r, third, "peak_gib", ".2f"), _tokens(r), _diff(r))
 
 
 def _tokens(r):
@@ -172,10 +204,12 @@ def _tokens(r):
     return " / ".join(str(n) for n in counts) or "-"
 
 
-_HEADERS = {"train": ("case", "official ms", "ours ms", "speedup", "graph ms*", "graph speedup*", "off img/s",
-                      "ours img/s", "off GiB", "ours GiB", "mem ratio", "graph GiB*", "text tokens", "loss / grad diff"),
+_ROWS = {"train": _train_row, "head": _head_row, "cost": _cost_row}
+_HEADERS = {"train": ("case", "official ms", "ours ms", "speedup", "graph ms*", "graph speedup*", "graph check*",
+                      "off img/s", "ours img/s", "off GiB", "ours GiB", "mem ratio", "graph GiB*", "text tokens",
+                      "loss / grad diff"),
             "head": ("head case", "fused ms", "eager ms", "compile ms", "vs eager", "vs compile", "fused GB/s",
-                     "of copy bw", "graph ms", "graph of bw", "loss diff"),
+                     "of copy bw", "graph ms", "graph of bw", "check compile / graph", "loss diff"),
             "cost": ("modelled case", "off TFLOP", "ours TFLOP", "off GB mm / other", "ours GB mm / other",
                      "fused GB other", "ops off / ours / fused", "GPU ms off", "ours", "fused", "off / fused",
                      "loss / grad diff")}
@@ -184,13 +218,14 @@ _HEADERS = {"train": ("case", "official ms", "ours ms", "speedup", "graph ms*", 
 def _table(results):
     tables = []
     for kind, header in _HEADERS.items():
-        rows = [header] + [_row(r) for r in results if _table_kind(r) == kind]
+        rows = [header] + [_ROWS[kind](r) for r in results if _table_kind(r) == kind]
         if len(rows) > 1:
             widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
             tables.append("\n".join("  ".join(v.ljust(w) if i == 0 else v.rjust(w)
                                               for i, (v, w) in enumerate(zip(row, widths))) for row in rows))
             if kind == "train":
-                tables[-1] += "\n* zero-shot rows: ours with the image encoder under torch.compile instead"
+                tables[-1] += ("\n* zero-shot rows: ours with the image encoder under torch.compile instead. check: "
+                               "against eager steps after the timed ones (benchmarks/checks.py)")
             if kind == "cost":
                 tables[-1] += (f"\nGPU ms: matmuls at {cost.GPU_TFLOPS} TFLOPS, all other traffic at {cost.GPU_TBPS} TB/s, no launch "
                                "or host time; fused: ours with kernels/elementwise.py")
@@ -357,11 +392,12 @@ def main(argv=None):
             with open(args.json, "w") as fh:
                 json.dump({"environment": env, "cases": results}, fh, indent=1)
         header = _HEADERS[_table_kind(results[-1])]
-        cells = ", ".join(f"{h} {v}" for h, v in zip(header[1:], _row(results[-1])[1:]) if v != "-")
+        cells = ", ".join(f"{h} {v}" for h, v in zip(header[1:], _ROWS[_table_kind(results[-1])](results[-1])[1:])
+                          if v != "-")
         print(f"    {cells} ({time.perf_counter() - t0:.0f} s)", flush=True)
     run = None
     print(f"\ntotal {time.perf_counter() - t_start:.0f} s\n\n{_table(results)}", flush=True)
-    failed = [r["case"] for r in results if not r.get("match", True) or any(
+    failed = [r["case"] for r in results if not (r.get("match", True) and r["checks_passed"]) or any(
         m.get("error", "OOM") != "OOM" for m in r["methods"].values())]
     if failed:
         print(f"bench: the paths disagree or a method failed in: {', '.join(failed)}", file=sys.stderr)

@@ -1,4 +1,5 @@
 """bench.py's parts, one concern a module: the official compute path re-created (official), timing
-and peak memory (timing), the methods each case compares (methods), the CPU models of a step's GPU
-memory (memory) and GPU work (cost), and data-parallel CoOp (scaling). A folder beside bench.py,
-not installed: run bench.py from the repository."""
+and peak memory (timing), the methods each case compares (methods), the checks of the graph and
+compile methods against eager steps (checks), the CPU models of a step's GPU memory (memory) and GPU
+work (cost), and data-parallel CoOp (scaling); ImageNet's class names (imagenet_classnames.txt). A
+folder beside bench.py, not installed: run bench.py from the repository."""

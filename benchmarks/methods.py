@@ -9,13 +9,18 @@ Meta-Net:
   cosine_ce head; where Triton runs, the fused LayerNorm and QuickGELU kernels in the frozen CLIP
   (`fast.fused_elementwise`); shared prefixes and length buckets when Settings asks for them.
 - graph (CUDA): for train steps, ours with the whole step (forward, backward, SGD update) captured
-  once as a CUDA graph and replayed (coop_min/cuda_graph.py), with prompts in length buckets as
-  train.py --cuda-graph has them; for the head, the fused forward and backward replayed.
+  once as a CUDA graph and replayed (coop_min/cuda_graph.py), with prompts in length buckets and the
+  lr on the device as train.py --cuda-graph has them; for the head, the fused forward and backward
+  replayed.
 - compile: zero-shot ours with the image encoder under torch.compile instead of the elementwise
   kernels; for the head, torch.compile of the kernel's eager twin. The compile itself is not timed.
-Left out of both paths: the batch's host-to-device copy and the loops' bookkeeping (Dassl's per-step
-NaN check and accuracy, our loop's accuracy count and finite check).
+The graph and compile methods are checked after timing against their eager twins (benchmarks/
+checks.py). Each train step's calls alternate two batches, the labels and the labels + 1, so that a
+replay reading stale inputs shows. Left out of both paths: the batch's host-to-device copy and the
+loops' bookkeeping (Dassl's per-step NaN check and accuracy, our loop's accuracy count and finite
+check).
 """
+import itertools
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -23,10 +28,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from benchmarks import official
+from benchmarks import checks, official
 from benchmarks.timing import graphed, nbytes, run_method
 from coop_min.clip import CLIP, CLIPConfig, convert_dtype
-from coop_min.cuda_graph import TrainStep
+from coop_min.cuda_graph import SGD, TrainStep
 from coop_min.fast import FastConfig, FastPromptedCLIP, bucket_cuts, encode_text, fused_elementwise
 from coop_min.kernels.cosine_ce import cosine_ce, cosine_ce_reference, cosine_logits
 from coop_min.prompts import CoCoOpPromptLearner, CoOpPromptLearner, PromptConfig
@@ -103,6 +108,7 @@ def sgd_step(loss_fn, params):
 class _TrainInputs:
     images: torch.Tensor       # (B, 3, H, W)
     labels: torch.Tensor       # (B,)
+    next_labels: torch.Tensor  # (B,) (labels + 1) % C: every other call's labels, see _batches
     names: list                # class names
     ctx: torch.Tensor          # (M, W) fp32, N(0, 0.02)
     meta_state: dict | None    # CoCoOp: the Meta-Net's initial state
@@ -119,7 +125,18 @@ def _train_inputs(case, config, device):
     meta = official.meta_net(config.embed_dim, config.text_width).state_dict() if case.kind == "cocoop" else None
     names = classnames(case.classes)
     prompts = [" ".join(["X"] * case.n_ctx) + " " + name.replace("_", " ") + "." for name in names]
-    return _TrainInputs(images, labels, names, ctx, meta, tokenize(prompts).argmax(dim=-1).tolist())
+    eots = tokenize(prompts).argmax(dim=-1).tolist()
+    return _TrainInputs(images, labels, (labels + 1) % case.classes, names, ctx, meta, eots)
+
+
+def _batches(inputs):
+    """A step's batches, one per call: the images with their labels, then with the next labels, and so
+    on, the same for every method: a replay that kept reading its first inputs trains on wrong labels."""
+    batches, calls = ((inputs.images, inputs.labels), (inputs.images, inputs.next_labels)), itertools.count()
+
+    def batch():
+        return batches[next(calls) % 2]
+    return batch
 
 
 def text_tokens(case, eots, settings: Settings, buckets=False):
@@ -140,36 +157,58 @@ def _official_train_step(models, inputs):
         meta = official.meta_net(models.config.embed_dim, models.config.text_width)
         meta.load_state_dict(inputs.meta_state)
     learner = official.OfficialPromptLearner(models.official, inputs.names, inputs.ctx, meta)
-    loss = official.coop_loss if meta is None else official.cocoop_loss
-    step = sgd_step(partial(loss, models.official, learner, inputs.images, inputs.labels), list(learner.parameters()))
+    loss, batch = official.coop_loss if meta is None else official.cocoop_loss, _batches(inputs)
+
+    def loss_fn():
+        return loss(models.official, learner, *batch())
+    step = sgd_step(loss_fn, list(learner.parameters()))
     step.ctx = learner.ctx
     return step
 
 
-def _ours_model(models, case, inputs, config: FastConfig):
+def _ours_model(models, case, inputs, settings, length_buckets):
     learner_cls = CoCoOpPromptLearner if case.kind == "cocoop" else CoOpPromptLearner
     learner = learner_cls(models.ours, inputs.names, PromptConfig(method=case.kind, n_ctx=case.n_ctx, ctx_init=""))
     with torch.no_grad():
         learner.ctx.copy_(inputs.ctx)
     if inputs.meta_state is not None:
         learner.meta_net.load_state_dict(inputs.meta_state)
+    config = FastConfig(fused_elementwise=settings.fused_elementwise, shared_prefix=settings.shared_prefix,
+                        length_buckets=length_buckets)
     return FastPromptedCLIP(models.ours, learner, config).train()
 
 
-def _ours_train_step(models, case, inputs, settings, cuda_graph=False):
-    config = FastConfig(fused_elementwise=settings.fused_elementwise, shared_prefix=settings.shared_prefix,
-                        length_buckets=settings.length_buckets or cuda_graph)   # as train.py --cuda-graph
-    model = _ours_model(models, case, inputs, config)
-    if not cuda_graph:
-        step = sgd_step(partial(model.loss, inputs.images, inputs.labels), model.trainable_parameters())
-    else:
-        optimizer = torch.optim.SGD(model.trainable_parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
-        train_step = TrainStep(lambda x, y: (model.loss(x, y),), optimizer, cuda_graph=True)  # 2 eager warm-ups
-
-        def step():
-            return train_step(inputs.images, inputs.labels)[0]
-    step.ctx = model.learner.ctx
+def _with_params(step, model):
+    """step with what a check reads: the context, the trainable parameters and their start."""
+    step.ctx, step.params = model.learner.ctx, model.trainable_parameters()
+    step.start = checks.flat(step.params)
     return step
+
+
+def _ours_train_step(models, case, inputs, settings):
+    """Ours eagerly, with torch.optim.SGD as train.py without --cuda-graph."""
+    model, batch = _ours_model(models, case, inputs, settings, settings.length_buckets), _batches(inputs)
+
+    def loss():
+        return model.loss(*batch())
+    return _with_params(sgd_step(loss, model.trainable_parameters()), model)
+
+
+def _loss_only(model, images, labels):      # TrainStep's forward: (loss, *extras)
+    return (model.loss(images, labels),)
+
+
+def _graph_train_step(models, case, inputs, settings, cuda_graph=True):
+    """Ours as train.py --cuda-graph runs it: length buckets, cuda_graph.SGD (lr on the device) and the
+    step captured after TrainStep's eager warm-ups, then replayed; cuda_graph=False: the same step
+    eagerly (the graph's check)."""
+    model, batch = _ours_model(models, case, inputs, settings, length_buckets=True), _batches(inputs)
+    optimizer = SGD(model.trainable_parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+    train_step = TrainStep(partial(_loss_only, model), optimizer, cuda_graph=cuda_graph)
+
+    def step():
+        return train_step(*batch())[0]
+    return _with_params(step, model)
 
 
 def train_methods(case, models, device, settings: Settings, measure=None):
@@ -182,8 +221,10 @@ def train_methods(case, models, device, settings: Settings, measure=None):
         "ours": run_method(partial(_ours_train_step, models, case, inputs, settings), device, settings.warmup,
                            case.repeats, models.ours_bytes, measure=measure)}
     if settings.cuda_graph and measure is None:
-        methods["graph"] = run_method(partial(_ours_train_step, models, case, inputs, settings, cuda_graph=True),
-                                      device, max(settings.warmup, 3), case.repeats, models.ours_bytes)
+        eager = partial(_graph_train_step, models, case, inputs, settings, cuda_graph=False)
+        methods["graph"] = run_method(partial(_graph_train_step, models, case, inputs, settings), device,
+                                      max(settings.warmup, 3), case.repeats, models.ours_bytes,
+                                      check=checks.matches_eager(eager, settings.ours_dtype))
     per_prompt = (case.batch if case.kind == "cocoop" else 1) * models.config.context_length   # 77 each
     methods["official"]["text_tokens"] = per_prompt * case.classes
     methods["ours"]["text_tokens"] = text_tokens(case, inputs.eots, settings, settings.length_buckets)
@@ -239,13 +280,14 @@ def zeroshot_methods(case, models, device, settings: Settings, measure=None):
     def to_loss(logits):
         return F.cross_entropy(logits.float(), labels)
 
-    def run(make_step, weight_bytes):
-        return run_method(make_step, device, settings.warmup, case.repeats, weight_bytes, to_loss, measure)
+    def run(make_step, weight_bytes, check=None):
+        return run_method(make_step, device, settings.warmup, case.repeats, weight_bytes, to_loss, measure, check)
+    eager = partial(_ours_zeroshot_step, ours, images, tokens)
     methods = {"official": run(partial(_official_zeroshot_step, models.official, images, tokens), models.official_bytes),
-               "ours": run(partial(_ours_zeroshot_step, ours, images, tokens), models.ours_bytes)}
+               "ours": run(eager, models.ours_bytes)}
     if settings.compile and measure is None:   # inductor fuses LayerNorm's casts and QuickGELU too, and more
         methods["compile"] = run(partial(_ours_zeroshot_step, models.ours, images, tokens, compiled=True),
-                                 models.ours_bytes)
+                                 models.ours_bytes, checks.matches_eager(eager, settings.ours_dtype))
     return methods
 
 
@@ -269,9 +311,14 @@ def head_methods(case, device, settings: Settings, copy_gbps):
             return loss.detach()
         return lambda: step
 
-    out = {name: run_method(make(head), device, settings.warmup, case.repeats) for name, head in heads.items()}
+    def checked(eager_head):                   # the compile and graph columns, against their eager twins
+        return checks.matches_eager(make(eager_head), settings.ours_dtype)
+    out = {name: run_method(make(head), device, settings.warmup, case.repeats,
+                            check=checked(cosine_ce_reference) if name == "compile" else None)
+           for name, head in heads.items()}
     if settings.cuda_graph:                    # the kernels' own time: no Python, launch or sync gaps
-        out["graph"] = run_method(lambda: graphed(make(cosine_ce)()), device, settings.warmup, case.repeats)
+        out["graph"] = run_method(lambda: graphed(make(cosine_ce)()), device, settings.warmup, case.repeats,
+                                  check=checked(cosine_ce))
     moved = 2 * (f.numel() + t.numel()) * f.element_size()   # f, t read once; df, dt written once
     for r in out.values():
         if "ms" in r:

@@ -55,13 +55,15 @@ def _ctx_grad(step):
     return {"grad": step.ctx.grad.detach().float().cpu().clone()} if hasattr(step, "ctx") else {}
 
 
-def run_method(make_step, device, warmup, repeats, weight_bytes=0, to_loss=None, measure=None):
+def run_method(make_step, device, warmup, repeats, weight_bytes=0, to_loss=None, measure=None, check=None):
     """Build one method's state with make_step() -> step, check its first output, time it.
 
-    Returns {"ms", "peak_gib", "loss"} (and "grad" for train steps), or {"error": ...} ("OOM" when
-    out of memory). The first call is also the first warm-up step; its output (a loss, or logits
-    turned into one by to_loss) is the check value. measure (the CPU models): no timing;
-    measure(step) -> (record, output) makes the first call, and its record is returned as "record".
+    Returns {"ms", "peak_gib", "loss"} (and "grad" for train steps), or {"error": ...}
+    ("OOM" when out of memory). The first call is also the first warm-up step; its output (a loss, or
+    logits turned into one by to_loss) is the check value. check (benchmarks/checks.py): called as
+    check(step, calls made) after the timing and the memory peaks; its result is returned as "check".
+    measure (the CPU models): no timing; measure(step) -> (record, output) makes the first call, and
+    its record is returned as "record".
     """
     free(device)
     cuda = device.type == "cuda"
@@ -77,13 +79,16 @@ def run_method(make_step, device, warmup, repeats, weight_bytes=0, to_loss=None,
         loss, grad = float(to_loss(out) if to_loss else out), _ctx_grad(step)
         del out
         ms = time_ms(step, device, max(warmup - 1, 0), repeats)
+        peak = (torch.cuda.max_memory_allocated(device) - base + weight_bytes) / 2 ** 30 if cuda else None
+        result = {"ms": ms, "peak_gib": peak, "loss": loss, **grad}
+        if check is not None:
+            result["check"] = check(step, max(warmup, 1) + repeats)
     except torch.cuda.OutOfMemoryError:
         return {"error": "OOM"}
     except Exception as e:  # one broken method must not lose the other cases of a long run
         traceback.print_exc()
         return {"error": f"{type(e).__name__}: {e}"}
-    peak = (torch.cuda.max_memory_allocated(device) - base + weight_bytes) / 2 ** 30 if cuda else None
-    return {"ms": ms, "peak_gib": peak, "loss": loss, **grad}
+    return result
 
 
 def graphed(step):
