@@ -241,6 +241,7 @@ def _from_run(args):
 
 
 def run(args):
+    """Interpret, classify one image, or score the test split, as the flags ask; returns the results."""
     world, device = dist.setup(args.device or runs.default_device())
     say = print if world.main else (lambda *a: None)
     clip, clip_sha = runs.load_weights(args.weights, device)                  # fp32: the checkpoint's values
@@ -248,28 +249,38 @@ def run(args):
     convert_dtype(clip, runs.DTYPES[args.precision or runs.default_precision(device)])
     if not args.reference_path:
         clip = fast.fused_elementwise(clip)
-
-    def prompted(path, classnames=None):
-        model = load_prompt(path, clip, classnames, clip_sha)
-        return model if args.reference_path else fast.FastPromptedCLIP(clip, model.learner)
     prompt = _prompt_file(args.prompt) if args.prompt else None
-    if prompt and args.interpret:
-        _interpret(load_prompt(prompt, clip, clip_sha256=clip_sha), embedding, args.interpret, say)
     if args.interpret and not prompt:
         raise ValueError("--interpret needs --prompt (a run folder or prompt.safetensors)")
+
+    def prompted(classnames=None):            # the learned prompts, on the method or the fast path
+        model = load_prompt(prompt, clip, classnames, clip_sha)
+        return model if args.reference_path else fast.FastPromptedCLIP(clip, model.learner)
+    if args.interpret:
+        _interpret(prompted(), embedding, args.interpret, say)
+        if args.data is None and not args.image:
+            return None
     if args.image:
-        if prompt:
-            model = prompted(prompt)
-            names, weights = model.learner.classnames, None
-        else:
-            names = _load(args).classnames
-            model, weights = None, zero_shot_weights(clip, names, templates_for(_load(args).name, args.templates == "ensemble"),
-                                                     device, not args.reference_path)
-        for name, prob in _predict_image(args.image, clip, names, model, weights, device):
-            say(f"{prob * 100:6.2f}%  {name}")
-        return None
-    if args.interpret and args.data is None and args.prompt:
-        return None
+        return _classify_image(args, clip, prompted if prompt else None, device, say)
+    return _score(args, clip, prompted if prompt else None, device, world, say)
+
+
+def _classify_image(args, clip, prompted, device, say):
+    if prompted is not None:
+        model = prompted()
+        names, weights = model.learner.classnames, None
+    else:
+        splits = _load(args)
+        names, model = splits.classnames, None
+        weights = zero_shot_weights(clip, names, templates_for(splits.name, args.templates == "ensemble"), device,
+                                    not args.reference_path)
+    for name, prob in _predict_image(args.image, clip, names, model, weights, device):
+        say(f"{prob * 100:6.2f}%  {name}")
+    return None
+
+
+def _score(args, clip, prompted, device, world, say):
+    """Metrics on the test split (both halves for base2new), printed and written to --output."""
     splits = _load(args)
     halves = ["base", "new"] if args.subsample == "base2new" else [args.subsample]
     results, rows = {"dataset": splits.name}, []
@@ -277,9 +288,8 @@ def run(args):
         part = D.subsample_classes(splits, half)
         feats, labels = split_features(clip, part.test, args.batch_size, device, args.workers, args.skip_bad_images,
                                        world, say)
-        if prompt:
-            pred = predict_prompted(prompted(prompt, part.classnames), feats)
-            name = f"prompt ({half})"
+        if prompted is not None:
+            pred, name = predict_prompted(prompted(part.classnames), feats), f"prompt ({half})"
         else:
             w = zero_shot_weights(clip, part.classnames, templates_for(splits.name, args.templates == "ensemble"), device,
                                   not args.reference_path)
