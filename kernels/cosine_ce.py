@@ -24,7 +24,8 @@ tile by tile from z and lse in backward. Nothing of size B x C or B x C x D is w
 Kernels (all accumulate in fp32, fp64 for fp64 inputs):
 - _forward_kernel: grid (row tiles, class splits); each program runs the online lse over its share
   of class tiles, so a small batch still fills the GPU. _finish_kernel merges the splits, writes
-  lse and the mean loss and counts out-of-range labels (checked with one .item()).
+  lse and the mean loss and counts out-of-range labels (checked with one .item(), unless the
+  caller checked the labels on the host: check_labels=False).
 - _backward_rows_kernel: grid (row tiles, D chunks): df, sum_c dz u (for ds) and, per image, dt.
 - _backward_cols_kernel: grid (class tiles, D chunks), looping over image tiles: the shared dt
   summed over images without atomics.
@@ -403,11 +404,12 @@ def _backward(grad_loss, f, t, scale, labels, lse, n_kept, ignore_index, needs):
 class _CosineCE(torch.autograd.Function):
 
     @staticmethod
-    def forward(ctx, f, t, scale, labels, ignore_index):
+    def forward(ctx, f, t, scale, labels, ignore_index, check_labels):
         loss, lse, n_kept, n_bad = _forward(f, t, scale, labels, ignore_index)
         # one sync: a bad label would otherwise give a silently wrong loss (not while a CUDA graph
         # is captured, where a sync is illegal: a graphed step checks its labels on the host)
-        if not (f.is_cuda and torch.cuda.is_current_stream_capturing()) and n_bad.item():
+        capturing = f.is_cuda and torch.cuda.is_current_stream_capturing()
+        if check_labels and not capturing and n_bad.item():
             bad = labels[(labels != ignore_index) & ((labels < 0) | (labels >= t.shape[-2]))]
             raise ValueError(f"labels must be in [0, {t.shape[-2]}) or {ignore_index}, got "
                              f"{bad[:5].tolist()}")
@@ -420,7 +422,7 @@ class _CosineCE(torch.autograd.Function):
         f, t, scale, labels, lse, n_kept = ctx.saved_tensors
         df, dt, ds = _backward(grad_loss, f, t, scale, labels, lse, n_kept, ctx.ignore_index,
                                ctx.needs_input_grad[:3])
-        return df, dt, ds, None, None
+        return df, dt, ds, None, None, None
 
 
 # ----------------------------------------------------------------------------- public API
@@ -457,15 +459,18 @@ def _check(f, t, scale):
 
 
 def cosine_ce(f: torch.Tensor, t: torch.Tensor, scale: torch.Tensor, labels: torch.Tensor,
-              ignore_index: int = -100) -> torch.Tensor:
-    """Mean cross-entropy of scale * cos(f, t) logits; 0-dim fp32 (fp64 for fp64 inputs)."""
+              ignore_index: int = -100, check_labels: bool = True) -> torch.Tensor:
+    """Mean cross-entropy of scale * cos(f, t) logits; 0-dim fp32 (fp64 for fp64 inputs).
+
+    check_labels=False skips the kernels' label range check, the step's one host sync, for a caller
+    that checked the labels on the host (an out-of-range label then gives a wrong loss, not an error)."""
     _check(f, t, scale)
     if labels.shape != (f.shape[0],) or labels.dtype != torch.long:
         raise ValueError(f"labels must be a long tensor of shape ({f.shape[0]},), got "
                          f"{labels.dtype} {tuple(labels.shape)}")
     if not use_triton(f):
         return cosine_ce_reference(f, t, scale, labels, ignore_index)
-    return _CosineCE.apply(f, t, scale.reshape(()), labels.contiguous(), ignore_index)
+    return _CosineCE.apply(f, t, scale.reshape(()), labels.contiguous(), ignore_index, check_labels)
 
 
 def cosine_logits(f: torch.Tensor, t: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

@@ -184,6 +184,21 @@ def test_bad_inputs_raise():
         cc.cosine_logits(f, t, scale)
 
 
+@interpreted
+def test_label_check_is_the_one_host_read_and_a_caller_that_checked_skips_it(monkeypatch):
+    f, t, scale, labels = _inputs(3, 7, 5, False, torch.float32)
+    reads = []
+    item = torch.Tensor.item
+    monkeypatch.setattr(torch.Tensor, "item", lambda x: reads.append(1) or item(x))
+    loss = cc.cosine_ce(f, t, scale, labels)
+    assert len(reads) == 1
+    assert torch.equal(cc.cosine_ce(f, t, scale, labels, check_labels=False), loss) and len(reads) == 1
+    cc.cosine_ce(f, t, scale, labels, check_labels=False).backward()    # backward takes the extra argument
+    cc.cosine_ce(f, t, scale, torch.tensor([0, 7, 1]), check_labels=False)   # unchecked: no error
+    with pytest.raises(ValueError, match="labels must be in"):
+        cc.cosine_ce(f, t, scale, torch.tensor([0, 7, 1]))
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(INTERPRETED or not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
