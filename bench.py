@@ -6,9 +6,10 @@
 One process, one device, the same random-init CLIP weights, inputs, class names and initial context
 for both paths: "official" is the official compute path re-created (benchmarks/official.py: OpenAI's
 CLIP as CoOp vendors it, fp16, trainers/coop.py and cocoop.py), "ours" is coop_min.fast's
-FastPromptedCLIP (bf16 with fp32 LayerNorm and fp32 context), and on CUDA "graph" replays ours' whole
-train step from a CUDA graph; benchmarks/methods.py says exactly what each runs. On CPU both paths
-compute in fp32.
+FastPromptedCLIP (bf16 with fp32 LayerNorm and fp32 context), and on CUDA "buckets" runs ours with
+length buckets in eager steps and "graph" replays ours' whole train step (with buckets) from a CUDA
+graph, so the two gains show apart; benchmarks/methods.py says exactly what each runs. On CPU both
+paths compute in fp32.
 
 Cases: CoOp train steps (batch 32, M=16) at 10/100/1000 classes for ViT-B/16 and RN50, CoCoOp train
 steps (M=4) at 50/500 classes and batch 1/8, each with ImageNet's first C class names as CoOp spells
@@ -21,10 +22,11 @@ paths compute the same loss on the same inputs (relative TOLERANCE: fp16 against
 train steps, the same first-step gradient of the context (relative GRAD_TOLERANCE): at random init
 the loss sits near log C whatever the prompts, so it alone misses real bugs. Each method is timed
 after a warm-up as the median of N steps (benchmarks/timing.py); peak memory is that method alone,
-its CLIP weights included. A method that runs out of memory reports OOM. The graph and compile
-methods, whose first calls vouch for nothing (a graph's are eager warm-ups), are checked after
-timing against as many eager steps from the same start (benchmarks/checks.py): a mismatch prints
-FAIL in place of the time and no speedup. The process exits 1 if a check failed.
+its CLIP weights included, and beside the graph's the most the allocator reserved (its pool). A
+method that runs out of memory reports OOM. The graph and compile methods, whose first calls vouch
+for nothing (a graph's are eager warm-ups), are checked after timing against as many eager steps
+from the same start (benchmarks/checks.py): a mismatch prints FAIL in place of the time and no
+speedup. The process exits 1 if a check failed.
 
 Instead of timing, on the CPU: `--memory` models each train case's peak GPU memory
 (benchmarks/memory.py) and `--cost` each train and zero-shot case's GPU work from its ops
@@ -41,7 +43,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from benchmarks import cost, memory, scaling
+from benchmarks import checks, cost, memory, scaling, table
 from benchmarks.methods import Models, Settings, head_methods, train_methods, zeroshot_methods
 from benchmarks.timing import copy_gbps, free
 from coop_min.kernels.cosine_ce import use_triton
@@ -94,36 +96,40 @@ def all_cases(smoke=False):
 def summarise(case, methods):
     """The case's JSON record: its sizes, each method's numbers, ratios and the same-function checks."""
     res = {"case": case.name, **{k: v for k, v in asdict(case).items() if k != "name"}, "methods": methods}
-    ms = {name: r.get("ms") if _passed(r) else None for name, r in methods.items()}   # failed check: no speedup
+    grads = {name: r.pop("grad") for name, r in methods.items() if "grad" in r}   # tensors stay out of the JSON
+    base, new = (methods["eager"], methods["fused"]) if case.kind == "head" else (methods["official"], methods["ours"])
+    if "loss" in base and "loss" in new:
+        res.update(_vs_official(new, base, grads.get("ours"), grads.get("official")))
+    if "loss" in base and "loss" in methods.get("buckets", {}):   # eager: its first step is checked as ours' is
+        d = _vs_official(methods["buckets"], base, grads.get("buckets"), grads.get("official"))
+        methods["buckets"]["check"] = {"loss": d["loss_rel_diff"], "grad": d.get("grad_rel_diff"), "ok": d["match"]}
+    ms = {name: r.get("ms") if checks.passed(r) else None for name, r in methods.items()}   # failed check: no speedup
     if case.kind == "head":
-        base, new = methods["eager"], methods["fused"]
         res["speedup_vs_eager"] = _ratio(ms["eager"], ms["fused"])
         res["speedup_vs_compile"] = _ratio(ms.get("compile"), ms["fused"])
     else:
-        base, new = methods["official"], methods["ours"]
         res["speedup"] = _ratio(ms["official"], ms["ours"])
-        for third in ("graph", "compile"):
-            if third in methods:
-                res[f"speedup_{third}"] = _ratio(ms["official"], ms[third])
-                res[f"memory_ratio_{third}"] = _ratio(base.get("peak_gib"), methods[third].get("peak_gib"))
         res["memory_ratio"] = _ratio(base.get("peak_gib"), new.get("peak_gib"))
+        for other in ("buckets", "graph", "compile"):
+            if other in methods:
+                res[f"speedup_{other}"] = _ratio(ms["official"], ms[other])
+                res[f"memory_ratio_{other}"] = _ratio(base.get("peak_gib"), methods[other].get("peak_gib"))
         for r in methods.values():
             if "ms" in r:
                 r["images_per_s"] = case.batch / (r["ms"] * 1e-3)
-    if "loss" in base and "loss" in new:
-        res["loss_rel_diff"] = abs(new["loss"] - base["loss"]) / max(abs(base["loss"]), 1e-12)
-        res["match"] = res["loss_rel_diff"] <= TOLERANCE
-    grads = {name: r.pop("grad") for name, r in methods.items() if "grad" in r}   # tensors stay out of the JSON
-    if "official" in grads and "ours" in grads:
-        res["grad_rel_diff"] = _grad_rel_diff(grads["ours"], grads["official"])
-        res["match"] = res.get("match", True) and res["grad_rel_diff"] <= GRAD_TOLERANCE
-    res["checks_passed"] = all(_passed(r) for r in methods.values())
+    res["checks_passed"] = all(checks.passed(r) for r in methods.values())
     return res
 
 
-def _passed(method):
-    """False where the method's check (benchmarks/checks.py) found it computing something else."""
-    return method.get("check", {}).get("ok", True)
+def _vs_official(m, base, grad, base_grad):
+    """A method's first output (and context gradient) against the official path's (the head: the
+    eager twin's): {"loss_rel_diff", "grad_rel_diff", "match"}."""
+    d = {"loss_rel_diff": abs(m["loss"] - base["loss"]) / max(abs(base["loss"]), 1e-12)}
+    d["match"] = d["loss_rel_diff"] <= TOLERANCE
+    if grad is not None and base_grad is not None:
+        d["grad_rel_diff"] = _grad_rel_diff(grad, base_grad)
+        d["match"] = d["match"] and d["grad_rel_diff"] <= GRAD_TOLERANCE
+    return d
 
 
 def _grad_rel_diff(g, ref):
@@ -135,101 +141,6 @@ def _grad_rel_diff(g, ref):
 
 def _ratio(num, den):
     return num / den if num is not None and den else None
-
-
-def _fmt(x, spec=".1f", suffix=""):
-    return "-" if x is None else format(x, spec) + suffix
-
-
-def _table_kind(r):
-    return "head" if r["kind"] == "head" else "cost" if "gpu_ms" in r["methods"].get("ours", {}) else "train"
-
-
-def _cell(r, method, key, spec, suffix=""):
-    """One number of one method: OOM or error where it failed, FAIL as the time of a method whose check failed."""
-    m = r["methods"].get(method, {})
-    if "error" in m:
-        return "OOM" if m["error"] == "OOM" else "error"
-    return "FAIL" if key == "ms" and not _passed(m) else _fmt(m.get(key), spec, suffix)
-
-
-def _check_cell(r, *names):
-    """The methods' checks against their eager twins: the larger relative difference, FAIL if too large."""
-    cells = []
-    for name in names:
-        c = r["methods"].get(name, {}).get("check")
-        if c is not None:
-            cells.append(("" if c["ok"] else "FAIL ") + format(max(v for k, v in c.items() if k != "ok"), ".1e"))
-    return " / ".join(cells) or "-"
-
-
-def _diff(r):
-    grad = "" if "grad_rel_diff" not in r else f" / {r['grad_rel_diff']:.1e}"
-    return _fmt(r.get("loss_rel_diff"), ".1e") + grad + ("" if r.get("match", True) else " FAIL")
-
-
-def _cost_row(r):
-    rec = {m: r["methods"][m].get("record", {}) for m in ("official", "ours", "fused")}
-
-    def gb(m, k):
-        return _fmt(rec[m].get(k, 0) / 1e9, ".1f")
-    return (r["case"], _fmt(rec["official"].get("flops", 0) / 1e12, ".2f"), _fmt(rec["ours"].get("flops", 0) / 1e12, ".2f"),
-            f"{gb('official', 'mm_bytes')} / {gb('official', 'other_bytes')}",
-            f"{gb('ours', 'mm_bytes')} / {gb('ours', 'other_bytes')}", gb("fused", "other_bytes"),
-            " / ".join(_fmt(rec[m].get("ops"), ".0f") for m in rec),
-            _cell(r, "official", "gpu_ms", ".1f"), _cell(r, "ours", "gpu_ms", ".1f"), _cell(r, "fused", "gpu_ms", ".1f"),
-            _fmt(_ratio(r["methods"]["official"].get("gpu_ms"), r["methods"]["fused"].get("gpu_ms")), ".1f", "x"),
-            _diff(r))
-
-
-def _head_row(r):
-    return (r["case"], _cell(r, "fused", "ms", ".3f"), _cell(r, "eager", "ms", ".3f"), _cell(r, "compile", "ms", ".3f"),
-            _fmt(r["speedup_vs_eager"], ".2f", "x"), _fmt(r["speedup_vs_compile"], ".2f", "x"),
-            _cell(r, "fused", "gbps", ".1f"), _cell(r, "fused", "bandwidth_fraction", ".0%"), _cell(r, "graph", "ms", ".3f"),
-            _cell(r, "graph", "bandwidth_fraction", ".0%"), _check_cell(r, "compile", "graph"), _diff(r))
-
-
-def _train_row(r):
-    third = "compile" if r["kind"] == "zeroshot" else "graph"
-    return (r["case"], _cell(r, "official", "ms", ".1f"), _cell(r, "ours", "ms", ".1f"), _fmt(r["speedup"], ".2f", "x"),
-            _cell(r, third, "ms", ".1f"), _fmt(r.get(f"speedup_{third}"), ".2f", "x"), _check_cell(r, third),
-            _cell(r, "official", "images_per_s", ".0f"), _cell(r, "ours", "images_per_s", ".0f"),
-            _cell(r, "official", "peak_gib", ".2f"), _cell(r, "ours", "peak_gib", ".2f"), _fmt(r["memory_ratio"], ".1f", "x"),
-            _cell(r, third, "peak_gib", ".2f"), _tokens(r), _diff(r))
-
-
-def _tokens(r):
-    """Text-encoder tokens per step: ours, and with length buckets where a method had them."""
-    counts = [r["methods"][m]["text_tokens"] for m in ("ours", "graph") if "text_tokens" in r["methods"].get(m, {})]
-    return " / ".join(str(n) for n in counts) or "-"
-
-
-_ROWS = {"train": _train_row, "head": _head_row, "cost": _cost_row}
-_HEADERS = {"train": ("case", "official ms", "ours ms", "speedup", "graph ms*", "graph speedup*", "graph check*",
-                      "off img/s", "ours img/s", "off GiB", "ours GiB", "mem ratio", "graph GiB*", "text tokens",
-                      "loss / grad diff"),
-            "head": ("head case", "fused ms", "eager ms", "compile ms", "vs eager", "vs compile", "fused GB/s",
-                     "of copy bw", "graph ms", "graph of bw", "check compile / graph", "loss diff"),
-            "cost": ("modelled case", "off TFLOP", "ours TFLOP", "off GB mm / other", "ours GB mm / other",
-                     "fused GB other", "ops off / ours / fused", "GPU ms off", "ours", "fused", "off / fused",
-                     "loss / grad diff")}
-
-
-def _table(results):
-    tables = []
-    for kind, header in _HEADERS.items():
-        rows = [header] + [_ROWS[kind](r) for r in results if _table_kind(r) == kind]
-        if len(rows) > 1:
-            widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-            tables.append("\n".join("  ".join(v.ljust(w) if i == 0 else v.rjust(w)
-                                              for i, (v, w) in enumerate(zip(row, widths))) for row in rows))
-            if kind == "train":
-                tables[-1] += ("\n* zero-shot rows: ours with the image encoder under torch.compile instead. check: "
-                               "against eager steps after the timed ones (benchmarks/checks.py)")
-            if kind == "cost":
-                tables[-1] += (f"\nGPU ms: matmuls at {cost.GPU_TFLOPS} TFLOPS, all other traffic at {cost.GPU_TBPS} TB/s, no launch "
-                               "or host time; fused: ours with kernels/elementwise.py")
-    return "\n\n".join(tables)
 
 
 def _environment(device, args, copy_bw):
@@ -310,7 +221,7 @@ def _settings(args):
         # the CPU models count PyTorch's LayerNorm and QuickGELU (--cost models the kernels in their place)
         fused_elementwise=args.fused_elementwise and not modelled,
         shared_prefix=args.shared_prefix, length_buckets=args.length_buckets,
-        cuda_graph=args.cuda_graph and gpu,
+        buckets=gpu and not args.length_buckets, cuda_graph=args.cuda_graph and gpu,
         compile=not (args.no_compile or args.smoke))  # inductor's first compile takes longer than CI allows
 
 
@@ -391,16 +302,14 @@ def main(argv=None):
         if args.json:                                       # after every case: a killed run keeps its results
             with open(args.json, "w") as fh:
                 json.dump({"environment": env, "cases": results}, fh, indent=1)
-        header = _HEADERS[_table_kind(results[-1])]
-        cells = ", ".join(f"{h} {v}" for h, v in zip(header[1:], _ROWS[_table_kind(results[-1])](results[-1])[1:])
-                          if v != "-")
+        cells = ", ".join(f"{h} {v}" for h, v in table.cells(results[-1]) if v != "-")
         print(f"    {cells} ({time.perf_counter() - t0:.0f} s)", flush=True)
     run = None
-    print(f"\ntotal {time.perf_counter() - t_start:.0f} s\n\n{_table(results)}", flush=True)
+    print(f"\ntotal {time.perf_counter() - t_start:.0f} s\n\n{table.render(results)}", flush=True)
     failed = [r["case"] for r in results if not (r.get("match", True) and r["checks_passed"]) or any(
         m.get("error", "OOM") != "OOM" for m in r["methods"].values())]
     if failed:
-        print(f"bench: the paths disagree or a method failed in: {', '.join(failed)}", file=sys.stderr)
+        print(f"bench: the paths disagree, a check failed or a method failed in: {', '.join(failed)}", file=sys.stderr)
     return 1 if failed else 0
 
 

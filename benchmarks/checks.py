@@ -16,6 +16,11 @@ import torch
 TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 
 
+def passed(method):
+    """False where a method's check (this module's, or bench.summarise's of buckets) failed."""
+    return method.get("check", {}).get("ok", True)
+
+
 def flat(tensors):
     """The tensors as one fp64 vector (a step's `start`)."""
     return torch.cat([t.detach().double().flatten() for t in tensors])

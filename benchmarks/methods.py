@@ -8,17 +8,20 @@ Meta-Net:
   context and Meta-Net, the image encoder under no_grad, EOT truncation, batched CoCoOp and the fused
   cosine_ce head; where Triton runs, the fused LayerNorm and QuickGELU kernels in the frozen CLIP
   (`fast.fused_elementwise`); shared prefixes and length buckets when Settings asks for them.
+- buckets (CUDA): ours with length buckets in its eager steps, so that their gain is seen apart from
+  the graph's.
 - graph (CUDA): for train steps, ours with the whole step (forward, backward, SGD update) captured
   once as a CUDA graph and replayed (coop_min/cuda_graph.py), with prompts in length buckets and the
   lr on the device as train.py --cuda-graph has them; for the head, the fused forward and backward
   replayed.
 - compile: zero-shot ours with the image encoder under torch.compile instead of the elementwise
   kernels; for the head, torch.compile of the kernel's eager twin. The compile itself is not timed.
-The graph and compile methods are checked after timing against their eager twins (benchmarks/
-checks.py). Each train step's calls alternate two batches, the labels and the labels + 1, so that a
-replay reading stale inputs shows. Left out of both paths: the batch's host-to-device copy and the
-loops' bookkeeping (Dassl's per-step NaN check and accuracy, our loop's accuracy count and finite
-check).
+The graph and compile methods are checked after timing against their eager twins
+(benchmarks/checks.py); buckets, an eager method, against the official path as ours is
+(bench.summarise). Each train step's calls alternate two batches, the labels and the labels + 1, so
+that a replay reading stale inputs shows. Left out of both paths: the batch's host-to-device copy
+and the loops' bookkeeping (Dassl's per-step NaN check and accuracy, our loop's accuracy count and
+finite check).
 """
 import itertools
 from dataclasses import dataclass, replace
@@ -56,6 +59,7 @@ class Settings:
     fused_elementwise: bool = True                # ours: kernels/elementwise.py in the frozen CLIP
     shared_prefix: bool = False                   # ours: FastConfig.shared_prefix
     length_buckets: bool = False                  # ours' eager steps too (graph always has them)
+    buckets: bool = False                         # also the "buckets" method: ours eagerly with length buckets
     cuda_graph: bool = False                      # also the "graph" method (CUDA only)
     compile: bool = False                         # also the "compile" method
 
@@ -185,17 +189,17 @@ def _with_params(step, model):
     return step
 
 
-def _ours_train_step(models, case, inputs, settings):
+def _ours_train_step(models, case, inputs, settings, length_buckets):
     """Ours eagerly, with torch.optim.SGD as train.py without --cuda-graph."""
-    model, batch = _ours_model(models, case, inputs, settings, settings.length_buckets), _batches(inputs)
+    model, batch = _ours_model(models, case, inputs, settings, length_buckets), _batches(inputs)
 
     def loss():
-        return model.loss(*batch())
+        return model.loss(*batch(), check_labels=False)   # in range by construction; train.py checks on the host
     return _with_params(sgd_step(loss, model.trainable_parameters()), model)
 
 
 def _loss_only(model, images, labels):      # TrainStep's forward: (loss, *extras)
-    return (model.loss(images, labels),)
+    return (model.loss(images, labels, check_labels=False),)
 
 
 def _graph_train_step(models, case, inputs, settings, cuda_graph=True):
@@ -218,8 +222,11 @@ def train_methods(case, models, device, settings: Settings, measure=None):
     methods = {
         "official": run_method(partial(_official_train_step, models, inputs), device, settings.warmup, case.repeats,
                                models.official_bytes, measure=measure),
-        "ours": run_method(partial(_ours_train_step, models, case, inputs, settings), device, settings.warmup,
-                           case.repeats, models.ours_bytes, measure=measure)}
+        "ours": run_method(partial(_ours_train_step, models, case, inputs, settings, settings.length_buckets),
+                           device, settings.warmup, case.repeats, models.ours_bytes, measure=measure)}
+    if settings.buckets and measure is None:      # length buckets without a graph: the two effects apart
+        methods["buckets"] = run_method(partial(_ours_train_step, models, case, inputs, settings, True), device,
+                                        settings.warmup, case.repeats, models.ours_bytes)
     if settings.cuda_graph and measure is None:
         eager = partial(_graph_train_step, models, case, inputs, settings, cuda_graph=False)
         methods["graph"] = run_method(partial(_graph_train_step, models, case, inputs, settings), device,
@@ -228,8 +235,9 @@ def train_methods(case, models, device, settings: Settings, measure=None):
     per_prompt = (case.batch if case.kind == "cocoop" else 1) * models.config.context_length   # 77 each
     methods["official"]["text_tokens"] = per_prompt * case.classes
     methods["ours"]["text_tokens"] = text_tokens(case, inputs.eots, settings, settings.length_buckets)
-    if "graph" in methods:
-        methods["graph"]["text_tokens"] = text_tokens(case, inputs.eots, settings, buckets=True)
+    for bucketed in ("buckets", "graph"):
+        if bucketed in methods:
+            methods[bucketed]["text_tokens"] = text_tokens(case, inputs.eots, settings, buckets=True)
     return methods
 
 

@@ -3,7 +3,8 @@
 A step is timed after a warm-up as the median of N calls, each bracketed by CUDA events and a
 synchronize (the official trainer syncs every step too: loss.item()). Peak memory is that method
 alone: its CLIP weights plus the most it allocated (torch.cuda.max_memory_allocated, reset per
-method). A method that runs out of memory reports OOM instead of ending the run.
+method), and beside it the most the caching allocator reserved (a CUDA graph's private pool
+included). A method that runs out of memory reports OOM instead of ending the run.
 """
 import gc
 import statistics
@@ -58,7 +59,7 @@ def _ctx_grad(step):
 def run_method(make_step, device, warmup, repeats, weight_bytes=0, to_loss=None, measure=None, check=None):
     """Build one method's state with make_step() -> step, check its first output, time it.
 
-    Returns {"ms", "peak_gib", "loss"} (and "grad" for train steps), or {"error": ...}
+    Returns {"ms", "peak_gib", "reserved_gib", "loss"} (and "grad" for train steps), or {"error": ...}
     ("OOM" when out of memory). The first call is also the first warm-up step; its output (a loss, or
     logits turned into one by to_loss) is the check value. check (benchmarks/checks.py): called as
     check(step, calls made) after the timing and the memory peaks; its result is returned as "check".
@@ -69,7 +70,7 @@ def run_method(make_step, device, warmup, repeats, weight_bytes=0, to_loss=None,
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
+        base, base_reserved = torch.cuda.memory_allocated(device), torch.cuda.memory_reserved(device)
     try:
         step = make_step()
         if measure is not None:
@@ -79,8 +80,10 @@ def run_method(make_step, device, warmup, repeats, weight_bytes=0, to_loss=None,
         loss, grad = float(to_loss(out) if to_loss else out), _ctx_grad(step)
         del out
         ms = time_ms(step, device, max(warmup - 1, 0), repeats)
-        peak = (torch.cuda.max_memory_allocated(device) - base + weight_bytes) / 2 ** 30 if cuda else None
-        result = {"ms": ms, "peak_gib": peak, "loss": loss, **grad}
+        result = {"ms": ms, "peak_gib": None, "reserved_gib": None, "loss": loss, **grad}
+        if cuda:
+            result["peak_gib"] = (torch.cuda.max_memory_allocated(device) - base + weight_bytes) / 2 ** 30
+            result["reserved_gib"] = (torch.cuda.max_memory_reserved(device) - base_reserved + weight_bytes) / 2 ** 30
         if check is not None:
             result["check"] = check(step, max(warmup, 1) + repeats)
     except torch.cuda.OutOfMemoryError:

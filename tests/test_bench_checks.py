@@ -13,7 +13,7 @@ from coop_min.cuda_graph import TrainStep
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # benchmarks/ is a folder beside bench.py, not an installed package
-from benchmarks import checks, methods  # noqa: E402
+from benchmarks import checks, methods, table  # noqa: E402
 
 _spec = importlib.util.spec_from_file_location("bench", ROOT / "bench.py")
 bench = importlib.util.module_from_spec(_spec)
@@ -69,8 +69,8 @@ def test_graph_column_passes_only_a_replay_that_trains_as_the_eager_step(monkeyp
         assert record["speedup_graph"] is not None
     else:
         assert check["update"] > 1e-3 and record["speedup_graph"] is None     # no speedup for a wrong step
-        row = dict(zip(bench._HEADERS["train"], bench._train_row(record)))
-        assert row["graph ms*"] == "FAIL" and row["graph check*"].startswith("FAIL")
+        row = dict(table.cells(record))
+        assert row["graph ms*"] == "FAIL" and row["check bkt / graph*"].startswith("FAIL")
     assert record["match"]                                                # official vs ours is its own check
 
 
@@ -95,3 +95,26 @@ def test_check_compares_the_update_not_the_parameters():
     """Parameters that did not move at all are 100% off in their update, whatever their size."""
     start = checks.flat([torch.ones(3)])
     assert checks.rel_diff(checks.flat([torch.ones(3)]) - start, checks.flat([torch.full((3,), 1.001)]) - start) == 1.0
+
+
+def test_buckets_column_runs_ours_with_buckets_eagerly_and_is_checked_as_ours(models):
+    settings = methods.Settings(warmup=1, buckets=True)
+    case = bench.Case("cocoop-buckets", "cocoop", "vit_tiny", 500, 2, 4, repeats=1)
+    record = bench.summarise(case, methods.train_methods(case, models, CPU, settings))
+    buckets, ours = record["methods"]["buckets"], record["methods"]["ours"]
+    assert buckets["check"]["ok"] and buckets["check"]["grad"] < 1e-5          # fp32: the same function
+    assert buckets["text_tokens"] < ours["text_tokens"]                         # ImageNet's names do cut
+    row = dict(table.cells(record))
+    assert row["buckets ms"] != "-" and row["bkt speedup"] != "-" and row["graph ms*"] == "-"
+
+
+def test_a_buckets_step_off_the_official_one_fails_and_shows_no_speedup():
+    g = torch.ones(4, 8)
+    step = {"ms": 10.0, "loss": 2.0}
+    case = bench.Case("c", "coop", "vit_tiny", 5, 2, 4)
+    record = bench.summarise(case, {"official": {**step, "grad": g}, "ours": {**step, "grad": g},
+                                    "buckets": {**step, "ms": 5.0, "grad": 1.5 * g}})
+    assert record["match"] and not record["checks_passed"] and record["speedup_buckets"] is None
+    assert record["methods"]["buckets"]["check"]["grad"] == pytest.approx(0.5)
+    row = dict(table.cells(record))
+    assert row["buckets ms"] == "FAIL" and row["check bkt / graph*"] == "FAIL 5.0e-01"
