@@ -8,8 +8,8 @@ follows the official code: features divided by their norm, logit_scale * f @ t.t
 such product per image (CoCoOp), F.cross_entropy; computed in fp64 from the same inputs.
 
 The interpreter never runs the code a GPU runs (it upcasts 16-bit dots; register limits do not
-exist there), so test_every_launch_compiles_to_a_hopper_cubin records every kernel launch the
-wrappers issue and compiles each to an sm_90 cubin with Triton's bundled ptxas, on CPU.
+exist there), so test_every_launch_compiles_to_a_hopper_cubin_without_spills records every kernel
+launch the wrappers issue and compiles each to an sm_90 cubin with Triton's bundled ptxas, on CPU.
 """
 import os
 import subprocess
@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 import coop_min.kernels.cosine_ce as cc
-from hopper import Recorder as _Recorder, compile_for as _compile_for
+from hopper import Recorder as _Recorder, compile_for as _compile_for, specialise, spills
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 interpreted = pytest.mark.skipif(not INTERPRETED, reason="runs in the TRITON_INTERPRET subprocess")
@@ -209,34 +209,83 @@ def test_cuda_clip_sizes_match_official(dtype, tol, per_image):
 
 # ----------------------------------------------------------------------------- compiles for the GPU
 
+# bench.py's launches (B, C, D, per_image, which gradients): its train steps (only the text features
+# train: CoOp at 10-1000 classes and D=512/1024, CoCoOp at batch 1/8 and 50/500 classes) with
+# zero-shot logits at batch 256, and its head cases (image and text features); odd sizes besides.
+_TRAIN, _HEAD, _ALL = (False, True, False), (True, True, False), (True, True, True)
+_STEPS = ([(32, C, D, False, _TRAIN) for C in (10, 100, 1000) for D in (512, 1024)]
+          + [(B, C, 512, True, _TRAIN) for B in (1, 8) for C in (50, 500)])
+_HEADS = [(32, 1000, 512, False, _HEAD), (8, 500, 512, True, _HEAD), (32, 1000, 512, True, _HEAD)]
+_ODD = [(33, 130, 65, False, _ALL), (3, 7, 65, True, _ALL)]
+
+
+def _record_launches(monkeypatch, shapes, dtype):
+    """[(kernel, args, kwargs, shape)] of every launch the wrappers issue for these shapes."""
+    launches = []
+    for name in ("_forward_kernel", "_finish_kernel", "_backward_rows_kernel", "_backward_cols_kernel", "_logits_kernel"):
+        monkeypatch.setattr(cc, name, _Recorder(getattr(cc, name), launches))
+    monkeypatch.setattr(cc, "use_triton", lambda x: True)
+    monkeypatch.setattr(cc, "_num_sms", lambda device: 132)  # an H100 SXM: the class splits it gets
+    shaped = []
+    for B, C, D, per_image, needs in shapes:
+        f, t, scale, labels = _inputs(B, C, D, per_image, dtype)
+        loss, lse, n_kept, _ = cc._forward(f, t, scale, labels, -100)
+        cc._backward(torch.ones(()), f, t, scale, labels, lse, n_kept, -100, needs)
+        with torch.no_grad():
+            cc.cosine_logits(f, t, scale)
+            if not per_image:
+                cc.cosine_logits(torch.randn(256, D).to(dtype), t, scale)   # zero-shot's batch
+        shaped += [(*launch, (B, C, D, per_image, needs)) for launch in launches[len(shaped):]]
+    return shaped
+
+
 @pytest.mark.skipif(INTERPRETED, reason="compiles the GPU code path, not the interpreter's")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_every_launch_compiles_to_a_hopper_cubin(monkeypatch, dtype):
+def test_every_launch_compiles_to_a_hopper_cubin_without_spills(monkeypatch, dtype):
     """The interpreter never runs the code the GPU runs (tl.dot on bf16/fp16 tiles, the register
-    allocation of each tile shape): build every launch of a CoOp and a CoCoOp step and of inference
-    logits, as the wrappers issue them at CLIP sizes and odd sizes, into sm_90 (H100/H200) cubins."""
+    allocation of each tile shape): build every launch of CoOp and CoCoOp steps, the head and
+    inference logits, as the wrappers issue them at bench.py's sizes and odd sizes, into sm_90
+    (H100/H200) cubins, specialised as a launch specialises them (tests/hopper.py: unit strides as
+    constants, divisibility hints). At the train steps' and zero-shot's sizes ptxas must spill no
+    register (stack frame 0); a spill in bench's head cases is reported as an expected failure.
+    This cannot show tensor-core numerics, runtime faults or speed (see tests/hopper.py)."""
     pytest.importorskip("triton")
     from triton.backends.compiler import GPUTarget
     try:
         from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401  (ships ptxas)
     except ImportError:
         pytest.skip("this triton has no NVIDIA backend")
-    launches = []
-    kernels = ("_forward_kernel", "_finish_kernel", "_backward_rows_kernel", "_backward_cols_kernel", "_logits_kernel")
-    for name in kernels:
-        monkeypatch.setattr(cc, name, _Recorder(getattr(cc, name), launches))
-    monkeypatch.setattr(cc, "use_triton", lambda x: True)
-    monkeypatch.setattr(cc, "_num_sms", lambda device: 132)  # an H100 SXM: the class splits it gets
-    for B, C, D, per_image in [(32, 1000, 512, False), (33, 130, 65, False), (4, 50, 512, True), (3, 7, 65, True)]:
-        f, t, scale, labels = _inputs(B, C, D, per_image, dtype)
-        loss, lse, n_kept, _ = cc._forward(f, t, scale, labels, -100)
-        cc._backward(torch.ones(()), f, t, scale, labels, lse, n_kept, -100, (True, True, True))
-        with torch.no_grad():
-            cc.cosine_logits(f, t, scale)
-    assert {k.fn.__name__ for k, _, _ in launches} == set(kernels)
-    for kernel, args, kwargs in launches:
-        compiled = _compile_for(GPUTarget("cuda", 90, 32), kernel, args, dict(kwargs))
+    target, distinct = GPUTarget("cuda", 90, 32), {}       # one compile per distinct specialisation
+    for kernel, args, kwargs, shape in _record_launches(monkeypatch, _STEPS + _HEADS + _ODD, dtype):
+        src, options = specialise(target, kernel, args, dict(kwargs))
+        distinct.setdefault((src.hash(), repr(options)), (kernel, args, kwargs, []))[3].append(shape)
+    assert {kernel.fn.__name__ for kernel, *_ in distinct.values()} == {
+        "_forward_kernel", "_finish_kernel", "_backward_rows_kernel", "_backward_cols_kernel", "_logits_kernel"}
+    head_spills = []
+    for kernel, args, kwargs, shapes in distinct.values():
+        compiled, report = _compile_for(target, kernel, args, dict(kwargs))
         assert len(compiled.asm["cubin"]) > 1000
+        if spills(report) != [(0, 0, 0)]:
+            assert not set(shapes) & set(_STEPS), (kernel.fn.__name__, shapes, spills(report), report)
+            head_spills += [(kernel.fn.__name__, shape, spills(report)) for shape in set(shapes) & set(_HEADS)]
         shared_t_dots = kernel.fn.__name__ != "_finish_kernel" and not kwargs.get("PER_IMAGE", False)
         if dtype != torch.float32 and shared_t_dots:  # tl.dot on 16-bit tiles
             assert "mma" in compiled.asm["ptx"], f"{kernel.fn.__name__}: 16-bit dots should use tensor cores"
+    if head_spills:   # (stack frame, spill store, spill load bytes) of a launch only bench's head cases make
+        pytest.xfail(f"registers spill in bench's head cases: {head_spills}")
+
+
+@pytest.mark.skipif(INTERPRETED, reason="compiles the GPU code path, not the interpreter's")
+def test_compiles_specialise_as_a_launch_does(monkeypatch):
+    """tests/hopper.py's specialisation is the launch's own: a unit stride becomes a constant, an
+    aligned pointer and a multiple of 16 get divisibility hints, other integers none."""
+    pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    launches = _record_launches(monkeypatch, [(32, 1000, 512, False, _TRAIN)], torch.bfloat16)
+    kernel, args, kwargs, _ = next(launch for launch in launches if launch[0].fn.__name__ == "_forward_kernel")
+    src, options = specialise(GPUTarget("cuda", 90, 32), kernel, args, dict(kwargs))
+    arg = {name: (i,) for i, name in enumerate(kernel.arg_names)}
+    assert src.signature["s_fd"] == "constexpr" and src.constants[arg["s_fd"]] == 1        # f.stride(1)
+    assert src.attrs[arg["f_ptr"]] == [["tt.divisibility", 16]]
+    assert src.attrs[arg["D"]] == [["tt.divisibility", 16]] and src.attrs[arg["C"]] == []  # 512; 1000
+    assert options.num_warps == kwargs["num_warps"]

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 import coop_min.kernels.elementwise as ew
-from hopper import Recorder, compile_for
+from hopper import Recorder, compile_for, spills
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 interpreted = pytest.mark.skipif(not INTERPRETED, reason="runs in the TRITON_INTERPRET subprocess")
@@ -233,9 +233,11 @@ def test_cuda_bf16_fast_path_with_the_kernels_is_close_to_without(method):
 
 @pytest.mark.skipif(INTERPRETED, reason="compiles the GPU code path, not the interpreter's")
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_every_launch_compiles_to_a_hopper_cubin(monkeypatch, dtype):
+def test_every_launch_compiles_to_a_hopper_cubin_without_spills(monkeypatch, dtype):
     """Every launch the wrappers issue at CLIP widths (512, 768, 1024, and an odd 65), with and without
-    LayerNorm weights, compiles to an sm_90 (H100/H200) cubin."""
+    LayerNorm weights, compiles to an sm_90 (H100/H200) cubin, specialised as a launch specialises it
+    (tests/hopper.py), and ptxas spills no register (stack frame 0). This cannot show the GPU's
+    numerics, runtime faults or speed (see tests/hopper.py)."""
     pytest.importorskip("triton")
     from triton.backends.compiler import GPUTarget
     try:
@@ -256,5 +258,6 @@ def test_every_launch_compiles_to_a_hopper_cubin(monkeypatch, dtype):
         ew._quick_gelu_backward(grad, x)
     assert {k.fn.__name__ for k, _, _ in launches} == set(kernels)
     for kernel, args, kwargs in launches:
-        compiled = compile_for(GPUTarget("cuda", 90, 32), kernel, args, dict(kwargs))
+        compiled, report = compile_for(GPUTarget("cuda", 90, 32), kernel, args, dict(kwargs))
         assert len(compiled.asm["cubin"]) > 1000
+        assert spills(report) == [(0, 0, 0)], (kernel.fn.__name__, report)
