@@ -1,89 +1,38 @@
 """`python -m coop_min.demo_table`: the papers' tables in miniature, on the demo benchmark and tiny CLIP.
 
-Runs, with the paper defaults and seeds 1, 2, 3:
+Three sweeps (coop_min.sweep) with the paper defaults and seeds 1, 2, 3, then coop_min.summarize:
 - base-to-new (CoCoOp's Table 1): zero-shot CLIP, CoOp ("a photo of a" init, M=4, as the CoCoOp
-  paper's CoOp) and CoCoOp, trained on the base half, tested on base and new; H = harmonic mean;
+  paper's CoOp) and CoCoOp, trained on the base half, tested on base and new; H of the mean base and
+  mean new;
 - the few-shot curve (CoOp's Figure 3): CoOp (M=16, random init) at 1/2/4/8/16 shots vs zero-shot.
-Writes `table.md`, `results.json` and `shots.png` (drawn with PIL) into --output; the README's table
-is this script's output.
+The runs go to OUTPUT/runs in the sweep's layout, so Ctrl-C stops it (one line) and a rerun continues
+where it stopped, reusing the finished runs. Writes into --output `table.md` (the README's table),
+`results.json` and `shots.png`, and summarize's summary.md, CSV files and plots.
 """
 import argparse
 import json
 import os
-import statistics
 
-from PIL import Image, ImageDraw
-
-from coop_min.evaluate import harmonic_mean
-from coop_min.train import TrainConfig, run
+from coop_min import summarize, sweep
 
 SEEDS = (1, 2, 3)
 SHOTS = (1, 2, 4, 8, 16)
 
 
-def _mean_std(values):
-    return statistics.mean(values), (statistics.pstdev(values) if len(values) > 1 else 0.0)
-
-
-def _runs(out, tag, seeds, **settings):
-    results = []
-    for seed in seeds:
-        folder = os.path.join(out, "runs", tag, f"seed{seed}")
-        done = os.path.join(folder, "results.json")
-        if os.path.exists(done):                       # re-running the script reuses finished runs
-            with open(done) as f:
-                results.append(json.load(f))
-            continue
-        results.append(run(TrainConfig(seed=seed, output=folder, workers=0, print_every=10 ** 9, **settings)))
-    return results
-
-
-def base_to_new(out, weights, seeds):
-    rows = {}
-    coop = _runs(out, "b2n_coop", seeds, weights=weights, subsample="base", ctx_init="a photo of a")
-    cocoop = _runs(out, "b2n_cocoop", seeds, weights=weights, subsample="base", method="cocoop")
-    rows["zero-shot CLIP"] = [(r["zero_shot"]["accuracy"], r["zero_shot_new"]["accuracy"]) for r in coop]
-    rows["CoOp"] = [(r["base"], r["new"]) for r in coop]
-    rows["CoCoOp"] = [(r["base"], r["new"]) for r in cocoop]
-    table = {}
-    for name, pairs in rows.items():
-        b = statistics.mean(p[0] for p in pairs)
-        n = statistics.mean(p[1] for p in pairs)
-        table[name] = {"base": b, "new": n, "H": harmonic_mean(b, n)}     # H of the means, as the paper
-    return table
-
-
-def shots_curve(out, weights, seeds):
-    curve = {"zero-shot CLIP": [], "CoOp": []}
-    for k in SHOTS:
-        results = _runs(out, f"shots{k}", seeds, weights=weights, shots=k)
-        curve["CoOp"].append(_mean_std([r["accuracy"] for r in results]))
-        curve["zero-shot CLIP"].append(_mean_std([r["zero_shot"]["accuracy"] for r in results]))
-    return curve
-
-
-def plot(curve, path, size=(480, 320)):
-    """Accuracy vs shots (log2 x axis), one polyline per method, drawn with PIL."""
-    img = Image.new("RGB", size, "white")
-    d = ImageDraw.Draw(img)
-    left, top, right, bottom = 50, 20, size[0] - 20, size[1] - 40
-    values = [m for series in curve.values() for m, _ in series]
-    lo, hi = min(values) - 2, max(values) + 2
-    x = lambda i: left + (right - left) * i / (len(SHOTS) - 1)                      # noqa: E731
-    y = lambda v: bottom - (bottom - top) * (v - lo) / (hi - lo)                     # noqa: E731
-    d.rectangle([left, top, right, bottom], outline="black")
-    for i, k in enumerate(SHOTS):
-        d.text((x(i) - 4, bottom + 6), str(k), fill="black")
-    for v in range(int(lo) + 1, int(hi) + 1, max(1, int((hi - lo) / 5))):
-        d.text((8, y(v) - 6), f"{v}%", fill="black")
-    d.text(((left + right) // 2 - 40, bottom + 22), "shots per class", fill="black")
-    for (name, series), colour in zip(curve.items(), ("grey", "blue")):
-        points = [(x(i), y(m)) for i, (m, _) in enumerate(series)]
-        d.line(points, fill=colour, width=2)
-        for px, py in points:
-            d.ellipse([px - 3, py - 3, px + 3, py + 3], fill=colour)
-        d.text((left + 8, top + 6 + 14 * list(curve).index(name)), name, fill=colour)
-    img.save(path)
+def tables(rows, weights):
+    """(base-to-new {method: {base, new, H}}, few-shot curve {method: [(mean, std) per shot]}) of the
+    demo's runs with these weights, from summarize's tables."""
+    b2n, curve = {}, {}
+    base2new = {s: r["Demo"] for s, r in rows["base2new"].items() if s[-1] == weights and "Demo" in r}
+    for s, name in summarize.labels(base2new).items():
+        b, n = (summarize.stat(base2new[s][h])[0] for h in ("base", "new"))
+        b2n[name] = {"base": b, "new": n, "H": summarize.harmonic(b, n)}     # H of the means, as the paper
+    for s, name in summarize.labels({s for s in rows["few_shot"] if s[-1] == weights}).items():
+        demo = rows["few_shot"][s].get("Demo", {})
+        zero_shot = summarize.stat(demo.get(0))
+        curve["zero-shot CLIP"] = [zero_shot[:2]] * len(SHOTS)
+        curve[name] = [summarize.stat(demo.get(k))[:2] for k in SHOTS]
+    return b2n, curve
 
 
 def markdown(b2n, curve, seeds):
@@ -103,12 +52,18 @@ def main(argv=None):
     p.add_argument("--weights", help="CLIP weights (default: the bundled tiny CLIP)")
     p.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
     args = p.parse_args(argv)
-    os.makedirs(args.output, exist_ok=True)
-    b2n = base_to_new(args.output, args.weights, args.seeds)
-    curve = shots_curve(args.output, args.weights, args.seeds)
+    runs = os.path.join(args.output, "runs")
+    common = ["--output", runs, "--seeds", ",".join(map(str, args.seeds))]
+    common += ["--weights", args.weights] if args.weights else []
+    for protocol, method in (("base2new", "coop"), ("base2new", "cocoop"), ("few-shot", "coop")):
+        sweep.main(["--protocol", protocol, "--method", method, *common])
+    _, rows = summarize.summarize(runs, args.output)
+    b2n, curve = tables(rows, args.weights)
     with open(os.path.join(args.output, "results.json"), "w") as f:
         json.dump({"base_to_new": b2n, "shots": {k: [list(v) for v in s] for k, s in curve.items()}}, f, indent=2)
-    plot(curve, os.path.join(args.output, "shots.png"))
+    series = {name: dict(zip(SHOTS, points)) for name, points in curve.items() if name != "zero-shot CLIP"}
+    summarize.plot_shots(series, {"zero-shot CLIP": curve["zero-shot CLIP"][0][0]}, "demo benchmark, all 36 classes",
+                         os.path.join(args.output, "shots.png"))
     text = markdown(b2n, curve, args.seeds)
     with open(os.path.join(args.output, "table.md"), "w") as f:
         f.write(text)
