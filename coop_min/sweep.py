@@ -380,7 +380,10 @@ def main(argv=None):
             print(e.code, file=sys.stderr)
             sys.exit(2)
         raise
-    signal.signal(signal.SIGTERM, signal.default_int_handler)   # a scheduler's kill stops the runs as Ctrl-C does
+    # Ctrl-C, a kill -INT (even where a shell started the sweep ignoring it) and a scheduler's SIGTERM all stop the
+    # runs; the runs, in sessions of their own, get SIGINT from the sweep alone, once
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     if failed := execute(jobs, args.devices or [None], {n for n, _ in _flags(extras)}, args.output):
         print(f"error: {len(failed)} of {len(jobs)} runs failed (logs in {os.path.join(args.output, 'sweep-logs')}); "
               "rerun the same command to retry them", file=sys.stderr)
