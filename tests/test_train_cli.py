@@ -158,7 +158,8 @@ def test_evaluate_interprets_context_and_classifies_one_image(setup, tmp_path):
 @pytest.mark.parametrize("method", ["coop", "cocoop"])
 def test_cuda_graph_run_logs_the_losses_of_an_eager_run(setup, tmp_path, method):
     """The real CLI on a GPU, bf16, with pinned loader workers (their thread runs during capture): a
-    --cuda-graph run (re-captured each epoch, as the lr changes) logs the steps of an eager run."""
+    --cuda-graph run (captured once: cuda_graph.SGD reads each epoch's lr from the device) logs the
+    steps of an eager run."""
     losses = {}
     for mode in ("eager", "graph"):
         out = tmp_path / mode
