@@ -196,8 +196,8 @@ def test_memory_mode_extrapolates_the_text_depth_to_the_full_depth_peak(monkeypa
     assert settings.ours_dtype == settings.official_dtype == torch.bfloat16
     assert all(c.kind == "coop" for c in args.selected)
     device = torch.device("cpu")
-    for case in (bench.Case("coop", "coop", "vit_deep", 300, 4, 16, repeats=1),
-                 bench.Case("cocoop", "cocoop", "vit_deep", 40, 3, 4, repeats=1)):
+    for case in (bench.Case("coop", "coop", "vit_deep", 150, 4, 16, repeats=1),
+                 bench.Case("cocoop", "cocoop", "vit_deep", 20, 3, 4, repeats=1)):
         modeled = memory.train_peaks(case, device, settings)
         models = methods.Models("vit_deep", device, settings)
         measured = methods.train_methods(case, models, device, settings, measure=memory.cpu_peak_bytes)

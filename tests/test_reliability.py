@@ -23,7 +23,7 @@ def setup(e2e_setup):
 
 
 def _train(setup, out, *args, weights=None):
-    cmd = cli("coop_min.train", setup, "--shots", "2", "--epochs", "2", "--batch-size", "8", "--print-every", "1",
+    cmd = cli("coop_min.train", setup, "--shots", "2", "--epochs", "1", "--batch-size", "8", "--print-every", "1",
               "--output", str(out), *args)
     if weights is not None:
         cmd[cmd.index("--weights") + 1] = str(weights)
@@ -54,7 +54,7 @@ def _write_clip(path, seed):
 
 @pytest.fixture(scope="module")
 def finished(setup, tmp_path_factory):
-    """A finished 2-epoch run (4 steps per epoch) with its own copy of the weights."""
+    """A finished 1-epoch run (9 steps) with its own copy of the weights."""
     root = tmp_path_factory.mktemp("finished")
     weights = root / "clip.safetensors"
     shutil.copy(setup["weights"], weights)
