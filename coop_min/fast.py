@@ -227,7 +227,7 @@ class FastPromptedCLIP(PromptedCLIP):
         if image_features is not None:
             raise ValueError("CoOp text features do not depend on images; call text_features()")
         lrn, shard = self.learner, self.config.class_shard
-        classes = list(range(lrn.n_cls)) if shard is None else list(shard[0])   # host ints
+        classes = range(lrn.n_cls) if shard is None else shard[0]              # host ints
         if self._prefix_shared():                                           # one prefix for every class
             prefix = torch.cat([lrn.token_prefix[:1], lrn.ctx[None].to(lrn.token_prefix.dtype)], 1)
             kvs = text_prefix_kvs(self.clip, prefix)
@@ -241,9 +241,9 @@ class FastPromptedCLIP(PromptedCLIP):
         return t if shard is None else shard[1](t)
 
     def _index(self, items):  # host ints -> a long tensor on the learner's device, made once
-        key = tuple(items)
+        key = items if isinstance(items, range) else tuple(items)   # a range hashes in O(1) each step
         if key not in self._indices:
-            self._indices[key] = torch.tensor(key, device=self.learner.eot.device)
+            self._indices[key] = torch.tensor(list(key), device=self.learner.eot.device)
         return self._indices[key]
 
     def _cocoop_text_features(self, image_features):  # (B, D) -> (B, C, D)

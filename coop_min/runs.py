@@ -159,7 +159,7 @@ def failed_start(folder):
 def start_folder(folder, settings: dict, resume: bool, free=()):
     """Check that `folder` can take a new run (or, with resume, that it holds this run: the same
     settings except those in `free`). Raises SystemExit with one line; changes nothing."""
-    config_path, state_path = os.path.join(folder, "config.json"), os.path.join(folder, "state.pt")
+    state_path = os.path.join(folder, "state.pt")
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise SystemExit(f"error: --output {folder} is a file, not a folder; pick another --output")
     if resume:

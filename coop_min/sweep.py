@@ -217,7 +217,8 @@ def _outcome(folder):                        # what a finished run or evaluation
 
 def _launch(job, device, typed, log):
     """The job's subprocess on `device` (None: the default; "cpu"; a CUDA index), its output into `log`.
-    It gets a session of its own, so a Ctrl-C reaches the sweep alone, which passes it on once."""
+    It runs in a process group of its own (start_new_session), so a Ctrl-C reaches the sweep alone, which
+    passes it on once."""
     resume = job.resume is not None and os.path.exists(os.path.join(job.folder, "state.pt"))
     argv, env = list(job.resume if resume else job.argv), dict(os.environ)
     if device == "cpu" and "device" not in typed:
@@ -381,7 +382,7 @@ def main(argv=None):
             sys.exit(2)
         raise
     # Ctrl-C, a kill -INT (even where a shell started the sweep ignoring it) and a scheduler's SIGTERM all stop the
-    # runs; the runs, in sessions of their own, get SIGINT from the sweep alone, once
+    # runs; the runs, in process groups of their own, get SIGINT from the sweep alone, once
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     if failed := execute(jobs, args.devices or [None], {n for n, _ in _flags(extras)}, args.output):

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from coop_min.clip import CLIP, CLIPConfig
 from coop_min.fast import FastConfig, FastPromptedCLIP, bucket_cuts
-from coop_min.prompts import (CoCoOpPromptLearner, CoOpPromptLearner, PromptConfig, PromptedCLIP,
+from coop_min.prompts import (CoCoOpPromptLearner, CoOpPromptLearner, PromptConfig,
                               build_prompted_clip, export_classifier, load_prompt, nearest_words,
                               save_prompt)
 from coop_min.tokenizer import encode, tokenize
