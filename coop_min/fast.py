@@ -249,10 +249,13 @@ class FastPromptedCLIP(PromptedCLIP):
     def _cocoop_text_features(self, image_features):  # (B, D) -> (B, C, D)
         lrn = self.learner
         f = self.meta_net_input(image_features)
-        ctx, B, C = lrn.shifted_ctx(f).to(lrn.token_prefix.dtype), len(f), lrn.n_cls   # (B, M, W)
+        B, C, dtype = len(f), lrn.n_cls, lrn.token_prefix.dtype
+        # (B, M, W) fp32, cast after the gather: the backward sums each image's C class gradients, and
+        # in bf16 that sum over hundreds of classes loses most of the gradient
+        ctx = lrn.shifted_ctx(f)
         pairs = self._index(range(B * C))                                  # (image, class) = divmod(pair, C)
         if self._prefix_shared():                                           # one prefix per image
-            prefix = torch.cat([lrn.token_prefix[:1].expand(B, -1, -1), ctx], 1)
+            prefix = torch.cat([lrn.token_prefix[:1].expand(B, -1, -1), ctx.to(dtype)], 1)
             kvs = text_prefix_kvs(self.clip, prefix)
 
             def encode(i, length):
@@ -261,7 +264,8 @@ class FastPromptedCLIP(PromptedCLIP):
         else:
             def encode(i, length):
                 c = i % C
-                prompts = torch.cat([lrn.token_prefix[c], ctx[i // C], lrn.token_suffix[c, :length - 1 - lrn.n_ctx]], 1)
+                suffix = lrn.token_suffix[c, :length - 1 - lrn.n_ctx]
+                prompts = torch.cat([lrn.token_prefix[c], ctx[i // C].to(dtype), suffix], 1)
                 return self.clip.encode_text_embeddings(prompts, lrn.eot[c])
         return self._encode_chunks(encode, pairs, lrn.eot_list * B).view(B, C, -1)
 
