@@ -10,12 +10,15 @@ import json
 import os
 import pickle
 import pickletools
+import struct
 import subprocess
 import sys
+import tracemalloc
 import zipfile
 from dataclasses import asdict, replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
@@ -290,6 +293,186 @@ def test_malicious_pickle_is_refused_and_runs_nothing(tmp_path, capsys, torchscr
     err = _cli_error(capsys, tmp_path / "evil.pt", tmp_path / "clip.safetensors")
     assert "system" in err and not marker.exists()
     assert not (tmp_path / "clip.safetensors").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# a torch 1.7 TorchScript archive, as OpenAI's are, written by hand: torch.jit.save writes today's format
+
+
+class _Torch17Pickler:
+    """data.pkl opcode by opcode as torch 1.7's C++ Pickler writes it: protocol 2; each string, global,
+    storage, tensor and module memoized (BINPUT, LONG_BINPUT from memo id 256 on), a string, global or
+    storage fetched with BINGET when it comes again; a module is GLOBAL __torch__.<mangled name>, NEWOBJ
+    and a BUILD of its attribute dict; a tensor is
+    torch._utils._rebuild_tensor_v2(storage, offset, size, stride, requires_grad, OrderedDict())."""
+
+    def __init__(self, six_item_keys):
+        self.out, self.memo, self.n_modules = bytearray(b"\x80\x02"), {}, 0
+        self.six_item_keys = six_item_keys     # storages whose id ends in None, as torch.save's legacy format
+
+    def _fetched(self, key):
+        """True after a BINGET of key if it is memoized; else False, and the caller pushes it and _puts it."""
+        if key not in self.memo:
+            return False
+        i = self.memo[key]
+        self.out += b"h" + struct.pack("<B", i) if i < 256 else b"j" + struct.pack("<I", i)
+        return True
+
+    def _put(self, key):
+        i = self.memo[key] = len(self.memo)
+        self.out += b"q" + struct.pack("<B", i) if i < 256 else b"r" + struct.pack("<I", i)
+
+    def string(self, s):
+        if not self._fetched(("str", s)):
+            self.out += b"X" + struct.pack("<I", len(s.encode())) + s.encode()
+            self._put(("str", s))
+
+    def global_(self, qualname):
+        if not self._fetched(("global", qualname)):
+            module, name = qualname.rsplit(".", 1)
+            self.out += f"c{module}\n{name}\n".encode()
+            self._put(("global", qualname))
+
+    def int_(self, n):                           # BININT1, BININT2 or BININT: the smallest that holds n
+        if n < 256:
+            self.out += b"K" + struct.pack("<B", n)
+        elif n < 65536:
+            self.out += b"M" + struct.pack("<H", n)
+        else:
+            self.out += b"J" + struct.pack("<i", n)
+
+    def ints(self, values):                      # MARK, the ints, TUPLE
+        self.out += b"("
+        for n in values:
+            self.int_(n)
+        self.out += b"t"
+
+    def tensor(self, storage_type, key, numel, offset, shape):
+        self.global_("torch._utils._rebuild_tensor_v2")
+        self.out += b"("
+        if not self._fetched(("storage", key)):     # a shared storage comes from the memo
+            self.out += b"("
+            self.string("storage")
+            self.global_(f"torch.{storage_type}")
+            self.string(key)
+            self.string("cuda:0")
+            self.int_(numel)
+            self.out += b"NtQ" if key in self.six_item_keys else b"tQ"    # [None,] TUPLE, BINPERSID
+            self._put(("storage", key))
+        self.int_(offset)
+        self.ints(shape)
+        self.ints(int(np.prod(shape[i + 1:])) for i in range(len(shape)))   # contiguous strides
+        self.out += b"\x89"                         # requires_grad: NEWFALSE
+        self.global_("collections.OrderedDict")
+        self.out += b")RtR"                         # OrderedDict() (hooks), TUPLE of the arguments, REDUCE
+        self._put(("object", len(self.memo)))      # torch memoizes every tensor and module it pickles
+
+    def module(self, qualname, attributes):
+        """attributes: {name: a submodule's attributes (dict) or a tensor's arguments (tuple)}"""
+        self.global_(qualname)
+        self.out += b")\x81}("                      # EMPTY_TUPLE, NEWOBJ, EMPTY_DICT, MARK
+        self.string("training")
+        self.out += b"\x89"
+        for name, value in attributes.items():
+            self.string(name)
+            if isinstance(value, tuple):
+                self.tensor(*value)
+            else:
+                self.n_modules += 1
+                mangled = f"__torch__.torch.nn.modules.module.___torch_mangle_{self.n_modules}.Module"
+                self.module(mangled, value)
+        self.out += b"ub"                           # SETITEMS, BUILD
+        self._put(("object", len(self.memo)))
+
+
+_NUMPY_STORAGES = {"<f2": "HalfStorage", "<f4": "FloatStorage", "<i8": "LongStorage"}
+
+
+def _torch17_archive(path, config, drop=()):
+    """Writes a TorchScript archive of a CLIP, as torch 1.7 wrote OpenAI's, of random values; returns
+    ({key: numpy array written}, data.pkl). Matrices are fp16, vectors fp32 (OpenAI's convert_weights);
+    a 1-D bias shares its weight's storage, after it; even-numbered storages have six-item ids."""
+    with torch.device("meta"):
+        shapes = {k: tuple(v.shape) for k, v in CLIP(config).state_dict().items() if not k.endswith(drop)}
+    rng = np.random.default_rng(0)
+    arrays = {k: rng.standard_normal(s).astype("<f2" if len(s) >= 2 else "<f4") for k, s in shapes.items()}
+    arrays |= {k: np.array(7, "<i8") for k in shapes if k.endswith("num_batches_tracked")}
+    arrays |= {"input_resolution": np.array(config.image_resolution, "<i8"),
+               "context_length": np.array(config.context_length, "<i8"),
+               "vocab_size": np.array(config.vocab_size, "<i8")}
+    storages, placed = [], {}                       # lists of arrays; key -> (storage number, offset)
+    for k, a in arrays.items():
+        weight = k.removesuffix("bias") + "weight"
+        if k.endswith(".bias") and a.ndim == 1 and weight in placed and arrays[weight].ndim == 1:
+            placed[k] = (placed[weight][0], sum(x.size for x in storages[placed[weight][0]]))
+            storages[placed[k][0]].append(a)
+        else:
+            placed[k] = (len(storages), 0)
+            storages.append([a])
+    tree = {}
+    for k, (i, offset) in placed.items():
+        *modules, name = k.split(".")
+        node = tree
+        for m in modules:
+            node = node.setdefault(m, {})
+        numel = sum(x.size for x in storages[i])
+        node[name] = (_NUMPY_STORAGES[arrays[k].dtype.str], str(i), numel, offset, arrays[k].shape)
+    pickler = _Torch17Pickler(six_item_keys={str(i) for i in range(0, len(storages), 2)})
+    pickler.module("__torch__.multimodal.model.multimodal_transformer.___torch_mangle_12.Multimodal", tree)
+    data_pkl = bytes(pickler.out + b".")
+    _write_torchscript_zip(path, data_pkl, [b"".join(x.tobytes() for x in parts) for parts in storages])
+    return arrays, data_pkl
+
+
+def _write_torchscript_zip(path, data_pkl, storages):
+    with zipfile.ZipFile(path, "w") as z:             # entries stored uncompressed, as torch writes them
+        z.writestr("ViT-B-16/version", "3\n")
+        z.writestr("ViT-B-16/data.pkl", data_pkl)
+        z.writestr("ViT-B-16/constants.pkl", b"\x80\x02).")
+        for i, data in enumerate(storages):
+            z.writestr(f"ViT-B-16/data/{i}", data)
+
+
+def test_torch17_archive_written_by_hand_converts_to_the_values_written(tmp_path):
+    """OpenAI's format: mangled __torch__ class names, storages on cuda:0, two tensors in one storage at
+    different offsets, over 256 memo entries, storage ids of five and of six items (the sixth None)."""
+    arrays, data_pkl = _torch17_archive(tmp_path / "ViT-B-16.pt", SMALL_VIT)
+    ops = [op.name for op, _, _ in pickletools.genops(data_pkl)]
+    assert "LONG_BINPUT" in ops and ops.count("BINPERSID") < len(arrays) and ops.count("NONE") > 0
+    meta = convert.convert(tmp_path / "ViT-B-16.pt", tmp_path / "clip.safetensors")
+    out = load_file(tmp_path / "clip.safetensors")
+    assert meta["format"] == "openai-jit" and json.loads(meta["config"]) == asdict(SMALL_VIT)
+    assert set(out) == set(arrays) - {"input_resolution", "context_length", "vocab_size"}
+    for k, v in out.items():
+        assert v.dtype == torch.float32 and np.array_equal(v.numpy(), arrays[k].astype(np.float32)), k
+    load_clip(tmp_path / "clip.safetensors")
+
+
+def test_batchnorm_without_num_batches_tracked_gets_a_zero_counter(tmp_path):
+    arrays, _ = _torch17_archive(tmp_path / "RN.pt", SMALL_RN, drop=("num_batches_tracked",))
+    convert.convert(tmp_path / "RN.pt", tmp_path / "clip.safetensors")
+    out = load_file(tmp_path / "clip.safetensors")
+    counters = [k for k in out if k.endswith("num_batches_tracked")]
+    assert len(counters) == len([k for k in arrays if k.endswith("running_mean")]) > 0
+    assert all(out[k].dtype == torch.int64 and out[k].shape == () and out[k].item() == 0 for k in counters)
+    assert all(np.array_equal(out[k].numpy(), arrays[k].astype(np.float32)) for k in out if k not in counters)
+    load_clip(tmp_path / "clip.safetensors")
+
+
+def test_torchscript_storage_is_read_in_place_not_held_twice(tmp_path):
+    n = 16 << 20                                        # one 64 MiB storage
+    pickler = _Torch17Pickler(six_item_keys=set())
+    pickler.module("__torch__.M", {"w": ("FloatStorage", "0", n, 0, (n,))})
+    values = np.arange(n, dtype="<f4")                # exact in fp32: n = 2**24
+    _write_torchscript_zip(tmp_path / "big.pt", bytes(pickler.out + b"."), [values.tobytes()])
+    tracemalloc.start()
+    try:
+        w = convert.read_torchscript(tmp_path / "big.pt")["w"]
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1.5 * 4 * n, f"reading a {4 * n} byte storage peaked at {peak} bytes"   # a copy makes 2x
+    assert np.array_equal(w.numpy(), values)
 
 
 # ----------------------------------------------------------------------------------------------

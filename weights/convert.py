@@ -51,6 +51,7 @@ _TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 _OPENAI_EXTRAS = ("input_resolution", "context_length", "vocab_size")  # int buffers in OpenAI's archives
 _MAX_ZIP_RATIO = 10     # torch writes zip entries uncompressed: together they are the file's size, not 10x it
 _MAX_LAYERS = 128       # coop_min.clip refuses deeper towers too; no CLIP comes near
+_READ_CHUNK = 1 << 24   # bytes per readinto: a storage is read in place, never held twice
 
 
 # ----------------------------------------------------------------------------------------------
@@ -98,7 +99,10 @@ class _RestrictedUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"refused to load the global {module}.{name}: CLIP weights need only tensors")
 
     def persistent_load(self, pid):
-        # ("storage", dtype, key, location, numel) -> the flat tensor of <archive>/data/<key>
+        # ("storage", dtype, key, location, numel) -> the flat tensor of <archive>/data/<key>; torch.save's
+        # legacy format adds a sixth item, the view of the storage, None when the whole storage is meant
+        if isinstance(pid, tuple) and len(pid) == 6 and pid[5] is None:
+            pid = pid[:5]
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and isinstance(pid[1], torch.dtype)
                 and isinstance(pid[2], str) and type(pid[4]) is int and pid[4] >= 0):
             raise pickle.UnpicklingError(f"unexpected persistent id {str(pid)[:80]}")
@@ -116,9 +120,12 @@ class _RestrictedUnpickler(pickle.Unpickler):
         if info.file_size != size:  # checked before reading: the zip directory may claim gigabytes
             raise pickle.UnpicklingError(f"storage {key} is {info.file_size} bytes in the zip, but its tensors "
                                          f"need {numel} x {dtype.itemsize} = {size}")
-        data = bytearray(self._archive.read(name))
-        if len(data) != size:
-            raise pickle.UnpicklingError(f"storage {key} unpacks to {len(data)} bytes, not the {size} of its entry")
+        data, filled = bytearray(size), 0       # the only copy: filled in place, a chunk at a time
+        with self._archive.open(info) as f:
+            while filled < size and (n := f.readinto(memoryview(data)[filled: filled + _READ_CHUNK])):
+                filled += n
+        if filled != size:
+            raise pickle.UnpicklingError(f"storage {key} unpacks to {filled} bytes, not its entry's {size}")
         return torch.frombuffer(data, dtype=dtype) if data else torch.empty(0, dtype=dtype)
 
 
@@ -211,6 +218,11 @@ def _openai_layout(sd, path):
         raise ValueError(f"{path} holds a {type(sd).__name__}, not a state dict")
     sd = {str(k).removeprefix("module."): v for k, v in sd.items()}   # DistributedDataParallel
     sd = {k: v for k, v in sd.items() if k not in _OPENAI_EXTRAS}
+    # a BatchNorm saved without its batch counter gets 0, as nn.BatchNorm's own loader gives it: build_clip
+    # needs every key
+    for k in [k for k in sd if k.endswith(".running_mean")]:
+        counter = k.removesuffix("running_mean") + "num_batches_tracked"
+        sd.setdefault(counter, torch.tensor(0, dtype=torch.int64))
     not_tensors = [k for k, v in sd.items() if not isinstance(v, torch.Tensor)]
     if not_tensors:
         k = not_tensors[0]
