@@ -1,8 +1,10 @@
 """Fixtures shared by the end-to-end tests: the demo benchmark on disk and a small random-init CLIP."""
+import importlib.util
 import json
 import os
 import sys
 from dataclasses import asdict
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +14,15 @@ from coop_min.clip import CLIP, CLIPConfig
 from coop_min.demo import write_benchmark
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+ROOT = Path(__file__).resolve().parents[1]
+
+# benchmarks/ (bench.py's modules) is a folder of the checkout, not an installed package. It is
+# imported from its own folder so that the checkout's root stays off sys.path: there kernels/ would
+# shadow Hugging Face's `kernels` package, which transformers imports.
+_spec = importlib.util.spec_from_file_location(
+    "benchmarks", ROOT / "benchmarks" / "__init__.py", submodule_search_locations=[str(ROOT / "benchmarks")])
+sys.modules["benchmarks"] = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(sys.modules["benchmarks"])
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,7 @@ from coop_min.cuda_graph import SGD, TrainStep
 from coop_min.fast import FastConfig, FastPromptedCLIP
 from coop_min.prompts import CoCoOpPromptLearner, CoOpPromptLearner, PromptConfig
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ beside bench.py
+# benchmarks/ is bench.py's folder of modules, registered by conftest.py
 from benchmarks import checks  # noqa: E402
 from benchmarks.methods import ARCHS, LR, MOMENTUM, WEIGHT_DECAY, classnames  # noqa: E402
 

@@ -106,3 +106,16 @@ def test_the_rules_see_a_cycle_and_a_private_import(tmp_path, monkeypatch):
         test_no_import_cycles()
     with pytest.raises(AssertionError, match="_hidden"):
         test_no_module_takes_another_modules_private_name()
+
+
+def test_the_checkout_leaves_huggingface_kernels_and_transformers_importable():
+    """kernels/ is ours, but the checkout's root is never on sys.path, so `kernels` is Hugging Face's
+    package (transformers 5 imports it) and transformers works in the test process."""
+    import sys
+    assert all(Path(p or ".").resolve() != ROOT for p in sys.path), sys.path
+    import transformers
+    assert transformers.CLIPModel.__name__ == "CLIPModel"
+    import kernels
+    assert Path(kernels.__file__).resolve().parent != ROOT / "kernels", kernels.__file__
+    import coop_min.kernels
+    assert Path(coop_min.kernels.__file__).resolve().parent == ROOT / "kernels"   # ours, as a sub-package
