@@ -228,7 +228,8 @@ def kept(folder):
 def save_state(folder, learner, optimizer, epoch, batch, metrics_bytes, torch_rng, clip_sha256, progress):
     """state.pt and checkpoint.safetensors after `epoch` epochs and `batch` steps of the next.
     torch_rng: the global RNG state to resume with (taken before this epoch's loader drew from it);
-    progress: Progress's (line totals, epoch totals), so the means after a resume are the same."""
+    progress: the (loss sum, correct, images) of the steps since the last progress line and of the epoch's
+    lines so far, so that the means after a resume are the same."""
     from safetensors.torch import save_file
 
     if not all(torch.isfinite(p).all() for p in learner.parameters()):   # never overwrite a good checkpoint

@@ -187,8 +187,12 @@ def train_epochs(cfg, model, opt, dataset, log, folder, clip_sha, state=None, wo
                      after_backward=lambda: dist.all_reduce_grads(params))
     per_epoch = _batches_per_epoch(len(dataset), cfg.batch_size)
     progress = runs.Progress((cfg.epochs - start_epoch) * per_epoch - start_batch, clock)
+    unreported = [0.0, 0.0, 0.0]             # a mid-epoch checkpoint's sums of its steps since the last line
     if state is not None:
-        progress.line_totals, progress.epoch_totals = (list(t) for t in state["progress"])
+        unreported, progress.epoch_totals = (list(t) for t in state["progress"])
+        if start_batch % cfg.print_every and not unreported[2]:
+            log.print(f"warning: {os.path.join(folder, 'state.pt')} holds no sums of its steps since the last "
+                      "progress line (an older coop_min wrote it): the next line averages only the steps after it")
     for epoch in range(start_epoch, cfg.epochs):
         lr = learning_rate(epoch, cfg)
         for group in opt.param_groups:
@@ -197,7 +201,9 @@ def train_epochs(cfg, model, opt, dataset, log, folder, clip_sha, state=None, wo
         loader = D.make_loader(dataset, cfg.batch_size, seed=cfg.seed, epoch=epoch,
                                start_batch=start_batch, num_workers=cfg.workers,
                                pin_memory=cfg.device.startswith("cuda"), rank=world.rank, world_size=world.size)
-        t0, totals = clock(), torch.zeros(3, device=cfg.device)               # loss sum, correct, images
+        # loss sum, correct, images since the last line; a resumed run's rank 0 starts from the checkpoint's
+        t0, totals = clock(), torch.tensor(unreported if world.main else [0.0] * 3, device=cfg.device)
+        unreported = [0.0, 0.0, 0.0]
         model.train()
         for batch, (images, labels) in enumerate(loader, start=start_batch):
             _check_labels(labels, model.learner.n_cls)
@@ -211,14 +217,16 @@ def train_epochs(cfg, model, opt, dataset, log, folder, clip_sha, state=None, wo
             if (batch + 1) % cfg.print_every == 0 or batch + 1 == per_epoch:
                 _report(log, progress, dist.all_reduce_sum(totals).tolist(), epoch, batch, per_epoch, lr, cfg)
                 totals.zero_()
-            if world.main and cfg.save_every and (batch + 1) % cfg.save_every == 0 and batch + 1 < per_epoch:
-                runs.save_state(folder, model.learner, opt, epoch, batch + 1, log.metrics_bytes(), rng, clip_sha,
-                                (progress.line_totals, progress.epoch_totals))
+            if cfg.save_every and (batch + 1) % cfg.save_every == 0 and batch + 1 < per_epoch:
+                line_sums = dist.all_reduce_sum(totals).tolist()          # a collective: every rank takes part
+                if world.main:
+                    runs.save_state(folder, model.learner, opt, epoch, batch + 1, log.metrics_bytes(), rng,
+                                    clip_sha, (line_sums, progress.epoch_totals))
         log.record(epoch=epoch + 1, epoch_time_s=round(clock() - t0, 3), lr=lr, **progress.epoch_means())
         start_batch = 0
         if world.main:
             runs.save_state(folder, model.learner, opt, epoch + 1, 0, log.metrics_bytes(), torch.get_rng_state(), clip_sha,
-                            (progress.line_totals, progress.epoch_totals))
+                            ([0.0, 0.0, 0.0], progress.epoch_totals))      # the epoch's last step made a line
 
 
 def _report(log, progress, totals, epoch, batch, per_epoch, lr, cfg):

@@ -8,6 +8,7 @@ from dataclasses import asdict
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from conftest import ENV, cli
@@ -211,6 +212,72 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
     with pytest.raises(OSError):
         atomic_write(str(target), full_disk)
     assert target.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["state.pt"]
+
+
+# python -c _DISK_FILLS MODE ARGS...: the trainer on a disk that fills up after its first checkpoint: a
+# real tmpfs filled up to half a state.pt, or torch.save and the free space as a full disk answers them
+_DISK_FILLS = """
+import os, shutil, sys, torch
+from coop_min import runs, train
+
+save, mode, saved = runs.save_state, sys.argv[1], []
+
+
+def full_disk_save(obj, path):
+    with open(path, "wb") as f:
+        f.write(bytes(1238))
+    raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1344 vs 1238")
+
+
+def save_then_fill(folder, *args):
+    save(folder, *args)
+    saved.append(folder)
+    if len(saved) == 1 and mode == "tmpfs":
+        keep = os.path.getsize(os.path.join(folder, "state.pt")) // 2
+        with open(os.path.join(os.path.dirname(folder), "filler"), "wb") as f:
+            f.write(bytes(shutil.disk_usage(folder).free - keep))
+    elif len(saved) == 1:
+        usage = shutil.disk_usage(folder)
+        shutil.disk_usage = lambda path: usage._replace(free=0)
+        torch.save = full_disk_save
+
+
+runs.save_state = save_then_fill
+train.main(sys.argv[2:])
+"""
+
+
+@pytest.mark.parametrize("mode", ["tmpfs", "injected"])
+def test_a_full_disk_is_one_line_and_keeps_the_last_checkpoint(setup, tmp_path, mode):
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if mode == "tmpfs":
+        try:
+            mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(disk)],
+                                     capture_output=True).returncode == 0
+        except FileNotFoundError:
+            mounted = False
+        if not mounted:
+            pytest.skip("mounting a tmpfs needs root and mount(8)")
+    try:
+        run = disk / "run"
+        cmd = cli("coop_min.train", setup, "--shots", "2", "--epochs", "1", "--batch-size", "8", "--print-every", "1",
+                  "--save-every", "2", "--output", str(run))
+        cmd[1:3] = ["-c", _DISK_FILLS, mode]
+        line = _one_line(subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300))
+        assert str(run) in line and "free" in line and "--resume" in line
+        state = torch.load(run / "state.pt", weights_only=True)       # the first checkpoint, whole
+        assert (state["epoch"], state["batch"]) == (0, 2)
+        with safe_open(str(run / "checkpoint.safetensors"), "pt") as f:
+            assert f.metadata()["batch"] == "2"
+        assert not [p.name for p in run.iterdir() if ".tmp" in p.name]
+        if mode == "tmpfs":
+            (disk / "filler").unlink()                                # space freed: the run continues
+        r = _train(setup, run, "--resume", "--save-every", "2")
+        assert r.returncode == 0 and (run / "results.json").exists(), r.stderr
+    finally:
+        if mode == "tmpfs":
+            subprocess.run(["umount", str(disk)], check=True)
 
 
 def test_a_huge_seed_is_one_line(setup, tmp_path):
