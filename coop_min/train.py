@@ -71,7 +71,7 @@ class TrainConfig:
     reference_path: bool = False             # the official compute path (slow), for comparison
     shared_prefix: bool = False              # [SOS, ctx] encoded once: less memory, more kernel launches
     shard_text: bool = True                  # data-parallel CoOp: each process encodes 1/N of the classes
-    cuda_graph: bool = False                 # capture each training step as a CUDA graph (one process)
+    cuda_graph: bool | None = None           # capture each step as a CUDA graph; default: on for one CUDA process
     save_every: int = 0                      # also checkpoint every N steps inside an epoch (0: epoch ends)
     print_every: int = 10
 
@@ -311,6 +311,8 @@ def run(cfg: TrainConfig):
     world, device = dist.setup(cfg.device)
     torch.backends.cudnn.benchmark = device.startswith("cuda")   # fixed shapes: let cuDNN pick (RN50's convs)
     folder = cfg.output
+    if cfg.cuda_graph is None:               # the captured step is exact (tests/test_bench_graph.py) and faster
+        cfg.cuda_graph = device.startswith("cuda") and world.size == 1 and not cfg.reference_path
     if cfg.cuda_graph and (not device.startswith("cuda") or world.size > 1 or cfg.reference_path):
         raise SystemExit("error: --cuda-graph captures the fast path of one process on a CUDA device; "
                          "drop it for CPU, torchrun or --reference-path runs")
@@ -440,9 +442,9 @@ def parse_args(argv=None) -> TrainConfig:
       help="encode [SOS, ctx] once for all classes (UC, end; CoCoOp): less memory at many classes, more launches")
     a("--no-shard-text", dest="shard_text", action="store_false",
       help="under torchrun, CoOp: every process encodes all classes (default: each encodes 1/N of them)")
-    a("--cuda-graph", action="store_true",
+    a("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
       help="capture each training step as a CUDA graph and replay it, with prompts in length buckets "
-           "(one CUDA process; see README)")
+           "(default: on for one CUDA process without --reference-path; see README)")
     a("--save-every", type=int, default=0, help="also checkpoint every N steps inside an epoch")
     a("--print-every", type=int, default=10, help="progress line every N steps (default 10)")
     values = vars(p.parse_args(argv))
@@ -465,7 +467,8 @@ def _resumed(parser, argv, values):
     if values["output"] is None:
         parser.error("--resume needs --output RUN_DIR, the folder of the run to continue")
     typed = [t[2:].split("=")[0] for t in (sys.argv[1:] if argv is None else argv) if t.startswith("--")]
-    given = {d: values[d] for d in ("shard_text" if t == "no-shard-text" else t.replace("-", "_") for t in typed)}
+    negated = {"no-shard-text": "shard_text", "no-cuda-graph": "cuda_graph"}
+    given = {d: values[d] for d in (negated.get(t, t.replace("-", "_")) for t in typed)}
     saved = runs.read_config(values["output"])
     unknown = sorted(set(saved) - {f.name for f in dataclasses.fields(TrainConfig)})
     if unknown:
@@ -474,7 +477,8 @@ def _resumed(parser, argv, values):
     if differ:
         parser.error(f"--resume with settings that differ from the run's ({', '.join(differ)}); drop them to "
                      "continue the run as it was started, or start a new run in another --output")
-    return TrainConfig(**{**saved, **given, "resume": True})
+    # whether to capture the step is the machine's choice, not the run's: resolved again unless given
+    return TrainConfig(**{**saved, "cuda_graph": None, **given, "resume": True})
 
 
 def main(argv=None):

@@ -42,6 +42,7 @@ def test_training_writes_every_run_output_and_evaluate_agrees(setup):
     assert [m["lr"] for m in lines if m.get("batch") == 1][:2] == [1e-5, 0.002]   # warm-up epoch, then the peak
     config = json.loads((out / "config.json").read_text())
     assert (config["n_ctx"], config["ctx_init"], config["lr"], config["momentum"]) == (16, "", 0.002, 0.9)
+    assert config["cuda_graph"] is False                 # on by default for one CUDA process only
     # evaluate the saved prompt on both halves: the same numbers as the training run reported
     r = subprocess.run(_cmd("coop_min.evaluate", setup, "--prompt", str(out), "--subsample", "base2new"),
                        env=ENV, capture_output=True, text=True, timeout=300)
@@ -234,3 +235,20 @@ def test_a_context_phrase_sets_and_records_m(setup, tmp_path):
     assert _train(setup, out, "--epochs", "1", "--ctx-init", "a photo of a").returncode == 0
     assert json.loads((out / "config.json").read_text())["n_ctx"] == 4          # not the CoOp default 16
     assert load_file(str(out / "prompt.safetensors"))["ctx"].shape[0] == 4
+
+
+def test_the_captured_step_is_the_cuda_default_and_can_be_turned_off():
+    from coop_min.train import parse_args
+    assert parse_args(["--data", "x"]).cuda_graph is None                 # resolved by run(): CUDA, one process
+    assert parse_args(["--data", "x", "--cuda-graph"]).cuda_graph is True
+    assert parse_args(["--data", "x", "--no-cuda-graph"]).cuda_graph is False
+
+
+def test_a_resumed_run_decides_the_capture_again(tmp_path):
+    """A run captured on a GPU continues on the CPU: whether to capture is the machine's choice."""
+    import dataclasses
+    from coop_min.train import TrainConfig, parse_args
+    saved = {**dataclasses.asdict(TrainConfig(data="x")), "cuda_graph": True}
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    assert parse_args(["--resume", "--output", str(tmp_path)]).cuda_graph is None
+    assert parse_args(["--resume", "--output", str(tmp_path), "--no-cuda-graph"]).cuda_graph is False
