@@ -1,6 +1,7 @@
 """bench.py's parts, one concern a module: the official compute path re-created (official), timing
-and peak memory (timing), the methods each case compares (methods), the checks of the graph and
-compile methods against eager steps (checks), the tables (table), the CPU models of a step's GPU
-memory (memory) and GPU work (cost), and data-parallel CoOp (scaling); ImageNet's class names
-(imagenet_classnames.txt). A folder beside bench.py, not installed: run bench.py from the
-repository."""
+and peak memory (timing), the methods each case compares (methods), each case's exact reference, the
+method in fp32 (reference), the checks of every method's first output against it and of the graph
+and compile methods against eager steps (checks), the tables and the README's Markdown table
+(table), the CPU models of a step's GPU memory (memory) and GPU work (cost), and data-parallel CoOp
+(scaling); ImageNet's class names (imagenet_classnames.txt). A folder beside bench.py, not
+installed: run bench.py from the repository."""

@@ -107,8 +107,9 @@ def _extrapolated(base, deeper, layers):
 
 
 def step_costs(case, device, settings):
-    """{method: {"record": counts at the real depths, "gpu_ms", "loss", "grad"}} for a train or
-    zero-shot case, plus "fused" (or {"error"}); the loss and gradient checks run at depth 1."""
+    """{method: {"record": counts at the real depths, "gpu_ms", "loss", "grad", "dtype"}} for a train
+    or zero-shot case, plus "fused" (or {"error"}) and "reference" (the fp32 method's); the first-step
+    checks run at depth 1."""
     if settings.fused_elementwise:   # the fused copy of the CLIP would run modules that op_cost does not see
         raise ValueError("the cost model counts ours with PyTorch's LayerNorm and QuickGELU and models the "
                          "kernels in their place; pass Settings(fused_elementwise=False)")
@@ -122,6 +123,9 @@ def step_costs(case, device, settings):
         runs.append(case_methods(case, models, device, settings, measure))
     methods = {}
     for name in runs[0]:
+        if name == "reference":
+            methods[name] = runs[0][name]
+            continue
         if any("error" in r[name] for r in runs):
             methods[name] = next(r[name] for r in runs if "error" in r[name])
             continue

@@ -57,8 +57,8 @@ def _weight_bytes(config, settings):
 
 
 def train_peaks(case, device, settings):
-    """{method: {"peak_gib", "loss", "grad"}} for a CoOp or CoCoOp case (or {"error"}); the loss and
-    gradient checks run at text depth 2."""
+    """{method: {"peak_gib", "loss", "grad", "dtype"} (or {"error"}), "reference": the fp32 method's}
+    for a CoOp or CoCoOp case; the first-step checks run at text depth 2."""
     full = ARCHS[case.arch]
     runs = []
     for depth in (1, 2):
@@ -69,10 +69,14 @@ def train_peaks(case, device, settings):
     weights = _weight_bytes(full, settings)
     methods = {}
     for name, one, two in zip(runs[1], runs[0].values(), runs[1].values()):
+        if name == "reference":
+            methods[name] = two
+            continue
         if "error" in one or "error" in two:
             methods[name] = one if "error" in one else two
             continue
         a, b = one["record"]["text"], two["record"]["text"]
         step = max(two["record"]["image"], a + (full.text_layers - 1) * (b - a))
-        methods[name] = {"peak_gib": (weights[name] + step) / 2 ** 30, "loss": two["loss"], "grad": two["grad"]}
+        methods[name] = {"peak_gib": (weights[name] + step) / 2 ** 30,
+                         **{k: two[k] for k in ("loss", "grad", "dtype")}}
     return methods

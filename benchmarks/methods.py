@@ -16,13 +16,15 @@ Meta-Net:
   replayed.
 - compile: zero-shot ours with the image encoder under torch.compile instead of the elementwise
   kernels; for the head, torch.compile of the kernel's eager twin. The compile itself is not timed.
-The graph and compile methods are checked after timing against their eager twins
-(benchmarks/checks.py); buckets, an eager method, against the official path as ours is
-(bench.summarise). Each train step's calls alternate two batches, the labels and the labels + 1, so
-that a replay reading stale inputs shows. Left out of both paths: the batch's host-to-device copy
-and the loops' bookkeeping (Dassl's per-step NaN check and accuracy, our loop's accuracy count and
-finite check).
+Before them, once per case, the reference: the method in fp32 on the same weights and inputs
+(benchmarks/reference.py), returned as "reference"; every method's first output is checked against
+it (bench.summarise, benchmarks/checks.py), and the graph and compile methods also after timing
+against their eager twins. Each train step's calls alternate two batches, the labels and the
+labels + 1, so that a replay reading stale inputs shows. Left out of both paths: the batch's
+host-to-device copy and the loops' bookkeeping (Dassl's per-step NaN check and accuracy, our loop's
+accuracy count and finite check).
 """
+import copy
 import itertools
 from dataclasses import dataclass, replace
 from functools import partial
@@ -31,13 +33,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from benchmarks import checks, official
+from benchmarks import checks, official, reference
 from benchmarks.timing import graphed, nbytes, run_method
 from coop_min.clip import CLIP, CLIPConfig, convert_dtype
 from coop_min.cuda_graph import SGD, TrainStep
 from coop_min.fast import FastConfig, FastPromptedCLIP, bucket_cuts, encode_text, fused_elementwise
 from coop_min.kernels.cosine_ce import cosine_ce, cosine_ce_reference, cosine_logits
-from coop_min.prompts import CoCoOpPromptLearner, CoOpPromptLearner, PromptConfig
+from coop_min.prompts import CoCoOpPromptLearner, CoOpPromptLearner, PromptConfig, PromptedCLIP
 from coop_min.tokenizer import tokenize
 
 LR, MOMENTUM, WEIGHT_DECAY = 0.002, 0.9, 5e-4  # Dassl SGD as configured by CoOp/CoCoOp
@@ -77,8 +79,9 @@ def shallow(config, text_layers, vision_layers=1):
 
 
 class Models:
-    """One architecture's frozen CLIP in both forms, built once from one random-init state dict;
-    text_layers (the CPU models): that text depth and vision_layers ViT layers instead."""
+    """One architecture's frozen CLIP in both forms and in fp32 (the reference's), built once from one
+    random-init state dict; text_layers (the CPU models): that text depth and vision_layers ViT
+    layers instead."""
 
     def __init__(self, arch, device, settings: Settings, text_layers=None, vision_layers=1):
         self.arch, self.config = arch, ARCHS[arch]
@@ -87,6 +90,7 @@ class Models:
         torch.manual_seed(0)
         clip = CLIP(self.config).eval().requires_grad_(False)            # fp32, CPU, OpenAI's init
         self.official = official.build_official_clip(clip.state_dict(), self.config, settings.official_dtype, device)
+        self.fp32 = copy.deepcopy(clip).to(device)
         self.ours = convert_dtype(clip.to(device), settings.ours_dtype)  # LayerNorm stays fp32
         self.official_bytes, self.ours_bytes = nbytes(self.official), nbytes(self.ours)
 
@@ -170,16 +174,27 @@ def _official_train_step(models, inputs):
     return step
 
 
-def _ours_model(models, case, inputs, settings, length_buckets):
+def _learner(clip, case, inputs):
+    """coop_min's prompt learner on `clip`, from the case's initial context (and Meta-Net)."""
     learner_cls = CoCoOpPromptLearner if case.kind == "cocoop" else CoOpPromptLearner
-    learner = learner_cls(models.ours, inputs.names, PromptConfig(method=case.kind, n_ctx=case.n_ctx, ctx_init=""))
+    learner = learner_cls(clip, inputs.names, PromptConfig(method=case.kind, n_ctx=case.n_ctx, ctx_init=""))
     with torch.no_grad():
         learner.ctx.copy_(inputs.ctx)
     if inputs.meta_state is not None:
         learner.meta_net.load_state_dict(inputs.meta_state)
+    return learner
+
+
+def _reference_train_step(models, case, inputs):
+    """The method, prompts.PromptedCLIP on the fp32 CLIP: its first loss and context gradient."""
+    model = PromptedCLIP(models.fp32, _learner(models.fp32, case, inputs))
+    return reference.train_step(model, inputs.images, inputs.labels, per_image=case.kind == "cocoop")
+
+
+def _ours_model(models, case, inputs, settings, length_buckets):
     config = FastConfig(fused_elementwise=settings.fused_elementwise, shared_prefix=settings.shared_prefix,
                         length_buckets=length_buckets)
-    return FastPromptedCLIP(models.ours, learner, config).train()
+    return FastPromptedCLIP(models.ours, _learner(models.ours, case, inputs), config).train()
 
 
 def _with_params(step, model):
@@ -215,11 +230,22 @@ def _graph_train_step(models, case, inputs, settings, cuda_graph=True):
     return _with_params(step, model)
 
 
+def _dtypes(methods, settings: Settings):
+    """Each method's compute dtype as its "dtype" (the checks' tolerances depend on it)."""
+    for name, r in methods.items():
+        if name != "reference":
+            dtype = settings.official_dtype if name == "official" else settings.ours_dtype
+            r["dtype"] = str(dtype).removeprefix("torch.")
+    return methods
+
+
 def train_methods(case, models, device, settings: Settings, measure=None):
     """CoOp or CoCoOp train steps (one SGD step per call), from the same context (and Meta-Net) for
-    both paths: {method: timing.run_method's result}. measure: see run_method."""
+    both paths: {method: timing.run_method's result, "reference": the fp32 method's first loss and
+    context gradient}. measure: see run_method."""
     inputs = _train_inputs(case, models.config, device)
     methods = {
+        "reference": reference.compute(partial(_reference_train_step, models, case, inputs), device),
         "official": run_method(partial(_official_train_step, models, inputs), device, settings.warmup, case.repeats,
                                models.official_bytes, measure=measure),
         "ours": run_method(partial(_ours_train_step, models, case, inputs, settings, settings.length_buckets),
@@ -238,7 +264,7 @@ def train_methods(case, models, device, settings: Settings, measure=None):
     for bucketed in ("buckets", "graph"):
         if bucketed in methods:
             methods[bucketed]["text_tokens"] = text_tokens(case, inputs.eots, settings, buckets=True)
-    return methods
+    return _dtypes(methods, settings)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -291,17 +317,20 @@ def zeroshot_methods(case, models, device, settings: Settings, measure=None):
     def run(make_step, weight_bytes, check=None):
         return run_method(make_step, device, settings.warmup, case.repeats, weight_bytes, to_loss, measure, check)
     eager = partial(_ours_zeroshot_step, ours, images, tokens)
-    methods = {"official": run(partial(_official_zeroshot_step, models.official, images, tokens), models.official_bytes),
-               "ours": run(eager, models.ours_bytes)}
+    exact = partial(reference.zeroshot, models.fp32, images, tokens, labels)
+    official_step = partial(_official_zeroshot_step, models.official, images, tokens)
+    methods = {"reference": reference.compute(exact, device),
+               "official": run(official_step, models.official_bytes), "ours": run(eager, models.ours_bytes)}
     if settings.compile and measure is None:   # inductor fuses LayerNorm's casts and QuickGELU too, and more
         methods["compile"] = run(partial(_ours_zeroshot_step, models.ours, images, tokens, compiled=True),
                                  models.ours_bytes, checks.matches_eager(eager, settings.ours_dtype))
-    return methods
+    return _dtypes(methods, settings)
 
 
 def head_methods(case, device, settings: Settings, copy_gbps):
     """The head alone, forward and backward: fused kernel, its eager twin, torch.compile of the twin;
-    each with its achieved GB/s and that as a fraction of copy_gbps (the device's copy bandwidth)."""
+    each with its achieved GB/s and that as a fraction of copy_gbps (the device's copy bandwidth);
+    "reference": the twin in fp32 on the same inputs."""
     g = torch.Generator().manual_seed(3)
     B, C, D = case.batch, case.classes, case.dim
     f = torch.randn(B, D, generator=g).to(device, settings.ours_dtype).requires_grad_()
@@ -321,9 +350,10 @@ def head_methods(case, device, settings: Settings, copy_gbps):
 
     def checked(eager_head):                   # the compile and graph columns, against their eager twins
         return checks.matches_eager(make(eager_head), settings.ours_dtype)
-    out = {name: run_method(make(head), device, settings.warmup, case.repeats,
-                            check=checked(cosine_ce_reference) if name == "compile" else None)
-           for name, head in heads.items()}
+    out = {"reference": reference.compute(partial(reference.head, f, t, scale, labels), device)}
+    for name, head in heads.items():
+        out[name] = run_method(make(head), device, settings.warmup, case.repeats,
+                               check=checked(cosine_ce_reference) if name == "compile" else None)
     if settings.cuda_graph:                    # the kernels' own time: no Python, launch or sync gaps
         out["graph"] = run_method(lambda: graphed(make(cosine_ce)()), device, settings.warmup, case.repeats,
                                   check=checked(cosine_ce))
@@ -332,4 +362,4 @@ def head_methods(case, device, settings: Settings, copy_gbps):
         if "ms" in r:
             r["gbps"] = moved / (r["ms"] * 1e-3) / 1e9
             r["bandwidth_fraction"] = r["gbps"] / copy_gbps
-    return out
+    return _dtypes(out, settings)

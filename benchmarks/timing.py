@@ -1,7 +1,8 @@
 """Timing and peak memory of one method: a step function built, checked on its first call, timed.
 
 A step is timed after a warm-up as the median of N calls, each bracketed by CUDA events and a
-synchronize (the official trainer syncs every step too: loss.item()). Peak memory is that method
+synchronize (the official trainer syncs every step too: loss.item()); the fastest and slowest of the
+N calls are reported beside it, as its spread. Peak memory is that method
 alone: its CLIP weights plus the most it allocated (torch.cuda.max_memory_allocated, reset per
 method), and beside it the most the caching allocator reserved (a CUDA graph's private pool
 included). A method that runs out of memory reports OOM instead of ending the run.
@@ -19,8 +20,8 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def time_ms(step, device, warmup, repeats):
-    """Median milliseconds of `step` over `repeats` calls after `warmup` calls."""
+def time_steps(step, device, warmup, repeats):
+    """Milliseconds of each of `repeats` calls of `step`, after `warmup` calls."""
     for _ in range(warmup):
         step()
     times = []
@@ -37,7 +38,12 @@ def time_ms(step, device, warmup, repeats):
             t0 = time.perf_counter()
             step()
             times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    return times
+
+
+def time_ms(step, device, warmup, repeats):
+    """Median milliseconds of `step` over `repeats` calls after `warmup` calls."""
+    return statistics.median(time_steps(step, device, warmup, repeats))
 
 
 def free(device):
@@ -59,7 +65,8 @@ def _ctx_grad(step):
 def run_method(make_step, device, warmup, repeats, weight_bytes=0, to_loss=None, measure=None, check=None):
     """Build one method's state with make_step() -> step, check its first output, time it.
 
-    Returns {"ms", "peak_gib", "reserved_gib", "loss"} (and "grad" for train steps), or {"error": ...}
+    Returns {"ms" (the median), "ms_min", "ms_max", "peak_gib", "reserved_gib", "loss"} (and "grad"
+    for train steps), or {"error": ...}
     ("OOM" when out of memory). The first call is also the first warm-up step; its output (a loss, or
     logits turned into one by to_loss) is the check value. check (benchmarks/checks.py): called as
     check(step, calls made) after the timing and the memory peaks; its result is returned as "check".
@@ -79,8 +86,9 @@ def run_method(make_step, device, warmup, repeats, weight_bytes=0, to_loss=None,
         out = step()
         loss, grad = float(to_loss(out) if to_loss else out), _ctx_grad(step)
         del out
-        ms = time_ms(step, device, max(warmup - 1, 0), repeats)
-        result = {"ms": ms, "peak_gib": None, "reserved_gib": None, "loss": loss, **grad}
+        times = time_steps(step, device, max(warmup - 1, 0), repeats)
+        result = {"ms": statistics.median(times), "ms_min": min(times), "ms_max": max(times),
+                  "peak_gib": None, "reserved_gib": None, "loss": loss, **grad}
         if cuda:
             result["peak_gib"] = (torch.cuda.max_memory_allocated(device) - base + weight_bytes) / 2 ** 30
             result["reserved_gib"] = (torch.cuda.max_memory_reserved(device) - base_reserved + weight_bytes) / 2 ** 30
