@@ -234,6 +234,11 @@ class FastPromptedCLIP(PromptedCLIP):
 
             def encode(c, length):
                 return encode_text_prefixed(self.clip, prefix, lrn.token_suffix[c], lrn.eot[c], length=length, kvs=kvs)
+        elif lrn.class_token_position == "end":                             # only the first `length` tokens built
+            def encode(c, length):
+                ctx = (lrn.ctx[c] if lrn.ctx.dim() == 3 else lrn.ctx.expand(len(c), -1, -1)).to(lrn.token_prefix.dtype)
+                prompts = torch.cat([lrn.token_prefix[c], ctx, lrn.token_suffix[c, :length - 1 - lrn.n_ctx]], 1)
+                return self.clip.encode_text_embeddings(prompts, lrn.eot[c])
         else:
             def encode(c, length):
                 return self.clip.encode_text_embeddings(lrn(c)[:, :length], lrn.eot[c])

@@ -311,7 +311,8 @@ class _Tiles:
 
 def _tiles(B: int, D: int, per_image: bool) -> _Tiles:
     # Measured on an H100 at CLIP sizes (B=32, C=1000, D=512/1024; CoCoOp B=1..32, C=50..100):
-    # wider class tiles or D chunks spill registers in the backward kernels.
+    # wider class tiles or D chunks spill registers in the backward kernels. _backward_cols_kernel
+    # takes 16 classes per tile for fp32 (see _backward).
     if per_image:  # t is read once per image either way: one image per program, (1, BC, BD) tiles
         return _Tiles(1, 32, _pow2_at_most(D, 128), _pow2_at_most(D, 256), num_warps=4)
     # tl.dot wants >= 16 rows; 16 images per tile keeps enough programs for a small batch
@@ -395,9 +396,15 @@ def _backward(grad_loss, f, t, scale, labels, lse, n_kept, ignore_index, needs):
             WRITE_DF=need_f, WRITE_DT=need_t and per_image, **blocks)
         ds = row_dot.sum().to(scale.dtype) if need_s else None  # ds = sum_ic dz_ic u_ic
     if need_t and not per_image:
-        _backward_cols_kernel[(triton.cdiv(C, tiles.block_c), n_dtiles)](
+        # fp32 inputs: with 32 classes per tile ptxas spilled this kernel under triton 3.8 (not
+        # 3.9). 16 halve the (BLOCK_C, BLOCK_DO) accumulator and the (BLOCK_B, BLOCK_C) dot tiles
+        # and compile without spills under both (tests/test_cosine_ce.py); the dot-product work
+        # stays the same, but twice as many programs each reread all of f. Chosen to compile, not
+        # timed: its speed on the GPU against 32 classes is yet to be measured.
+        block_c = 16 if f.dtype == torch.float32 else tiles.block_c
+        _backward_cols_kernel[(triton.cdiv(C, block_c), n_dtiles)](
             f, t, scale, labels, lse, grad_loss, n_kept, dt, B, C, D, f.stride(0), f.stride(1),
-            t.stride(0), t.stride(1), ignore_index, **blocks)
+            t.stride(0), t.stride(1), ignore_index, **dict(blocks, BLOCK_C=block_c))
     return df, dt, ds
 
 
