@@ -148,6 +148,7 @@ def _environment(device, args, copy_bw):
             "official_dtype": str(settings.official_dtype), "ours_dtype": str(settings.ours_dtype),
             "fused_head": "triton" if use_triton(probe) else "pytorch twin", "shared_prefix": settings.shared_prefix,
             "fused_elementwise": settings.fused_elementwise and use_triton(probe),
+            "fused_attention": settings.fused_attention and use_triton(probe),
             "length_buckets": settings.length_buckets, "copy_gbps": copy_bw, "smoke": args.smoke,
             "warmup": settings.warmup}
 
@@ -189,6 +190,8 @@ def _parser():
                    help="ours with the shared-prefix text path (less memory, more launches)")
     p.add_argument("--no-fused-elementwise", dest="fused_elementwise", action="store_false",
                    help="ours with PyTorch's LayerNorm and QuickGELU instead of kernels/elementwise.py (CUDA), to see what they give")
+    p.add_argument("--no-fused-attention", dest="fused_attention", action="store_false",
+                   help="ours with SDPA for the text's causal attention instead of kernels/attention.py (CUDA)")
     p.add_argument("--length-buckets", action="store_true",
                    help="ours with prompts in length buckets in eager steps too (the graph method always has them)")
     p.add_argument("--list", action="store_true", help="print the selected case names and exit")
@@ -244,6 +247,7 @@ def _settings(args):
         warmup=args.warmup if args.warmup is not None else 1 if args.smoke else 3,
         # the CPU models count PyTorch's LayerNorm and QuickGELU (--cost models the kernels in their place)
         fused_elementwise=args.fused_elementwise and not modelled,
+        fused_attention=args.fused_attention and not modelled,
         shared_prefix=args.shared_prefix, length_buckets=args.length_buckets,
         buckets=gpu and not args.length_buckets, cuda_graph=args.cuda_graph and gpu,
         compile=not (args.no_compile or args.smoke))  # inductor's first compile takes longer than CI allows

@@ -7,7 +7,7 @@ Meta-Net:
 - ours: coop_min.fast.FastPromptedCLIP on a bf16 CLIP with fp32 LayerNorm (fp32 on CPU), fp32
   context and Meta-Net, the image encoder under no_grad, EOT truncation, batched CoCoOp and the fused
   cosine_ce head; where Triton runs, the fused LayerNorm and QuickGELU kernels in the frozen CLIP
-  (`fast.fused_elementwise`); shared prefixes and length buckets when Settings asks for them.
+  (`fast.fused_copy`); shared prefixes and length buckets when Settings asks for them.
 - buckets (CUDA): ours with length buckets in its eager steps, so that their gain is seen apart from
   the graph's.
 - graph (CUDA): for train steps, ours with the whole step (forward, backward, SGD update) captured
@@ -37,7 +37,7 @@ from benchmarks import checks, official, reference
 from benchmarks.timing import graphed, nbytes, run_method
 from coop_min.clip import CLIP, CLIPConfig, convert_dtype
 from coop_min.cuda_graph import SGD, TrainStep
-from coop_min.fast import FastConfig, FastPromptedCLIP, bucket_cuts, encode_text, fused_elementwise
+from coop_min.fast import FastConfig, FastPromptedCLIP, bucket_cuts, encode_text, fused_copy
 from coop_min.kernels.cosine_ce import cosine_ce, cosine_ce_reference, cosine_logits
 from coop_min.prompts import CoCoOpPromptLearner, CoOpPromptLearner, PromptConfig, PromptedCLIP
 from coop_min.tokenizer import tokenize
@@ -59,6 +59,7 @@ class Settings:
     ours_dtype: torch.dtype = torch.float32       # bf16 on CUDA and in the CPU models
     warmup: int = 3                               # warm-up steps per method
     fused_elementwise: bool = True                # ours: kernels/elementwise.py in the frozen CLIP
+    fused_attention: bool = True                  # ours: kernels/attention.py in the text encoder
     shared_prefix: bool = False                   # ours: FastConfig.shared_prefix
     length_buckets: bool = False                  # ours' eager steps too (graph always has them)
     buckets: bool = False                         # also the "buckets" method: ours eagerly with length buckets
@@ -192,8 +193,8 @@ def _reference_train_step(models, case, inputs):
 
 
 def _ours_model(models, case, inputs, settings, length_buckets):
-    config = FastConfig(fused_elementwise=settings.fused_elementwise, shared_prefix=settings.shared_prefix,
-                        length_buckets=length_buckets)
+    config = FastConfig(fused_elementwise=settings.fused_elementwise, fused_attention=settings.fused_attention,
+                        shared_prefix=settings.shared_prefix, length_buckets=length_buckets)
     return FastPromptedCLIP(models.ours, _learner(models.ours, case, inputs), config).train()
 
 
@@ -309,7 +310,7 @@ def zeroshot_methods(case, models, device, settings: Settings, measure=None):
     images = torch.randn(case.batch, 3, r, r, generator=g).to(device)
     labels = torch.randint(0, case.classes, (case.batch,), generator=g).to(device)
     tokens = tokenize([f"a photo of a {n}." for n in classnames(case.classes)]).to(device)
-    ours = fused_elementwise(models.ours) if settings.fused_elementwise else models.ours
+    ours = fused_copy(models.ours, settings.fused_elementwise, settings.fused_attention)
 
     def to_loss(logits):
         return F.cross_entropy(logits.float(), labels)

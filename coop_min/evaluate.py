@@ -248,7 +248,7 @@ def run(args):
     embedding = clip.token_embedding.weight.detach().clone() if args.interpret else None
     convert_dtype(clip, runs.DTYPES[args.precision or runs.default_precision(device)])
     if not args.reference_path:
-        clip = fast.fused_elementwise(clip)
+        clip = fast.fused_copy(clip)
     prompt = _prompt_file(args.prompt) if args.prompt else None
     if args.interpret and not prompt:
         raise ValueError("--interpret needs --prompt (a run folder or prompt.safetensors)")

@@ -11,6 +11,9 @@ Each technique is exact by construction, and tests compare this object with the 
 - Fused elementwise (`fused_elementwise=True`): on CUDA the frozen CLIP's LayerNorms and QuickGELUs
   run as `kernels/elementwise.py`; the object swaps them in a copy of the CLIP that shares its
   weights (the caller's CLIP is unchanged), as Liger-Kernel patches a model's modules.
+- Fused attention (`fused_attention=True`): on CUDA the text encoder's causal attention, with or
+  without a shared prefix, runs as `kernels/attention.py` (one program per sequence and head holds
+  the whole short L x L tile), swapped in the same copy.
 - Shared prefix (`shared_prefix=True`; unified context with the class name at the end, and CoCoOp):
   [SOS, ctx] is the same for every class (CoCoOp: for every class of one image), so it goes through
   the text encoder once and every class suffix attends to its cached keys and values. Less
@@ -32,6 +35,7 @@ import torch.nn.functional as F
 
 from coop_min import clip as clip_module
 from coop_min.kernels import elementwise
+from coop_min.kernels.attention import causal_attention
 from coop_min.kernels.cosine_ce import cosine_ce, cosine_logits, cosine_logits_reference, use_triton
 from coop_min.prompts import PromptedCLIP
 
@@ -46,13 +50,14 @@ CHUNK_COST = 512
 class FastConfig:
     max_prompts_per_chunk: int = 4096   # text-encoder batch limit (memory)
     fused_elementwise: bool = True      # LayerNorm / QuickGELU as Triton kernels where Triton runs
+    fused_attention: bool = True        # the text's causal attention as a Triton kernel where Triton runs
     shared_prefix: bool = False         # [SOS, ctx] encoded once (unified context at the end; CoCoOp)
     length_buckets: bool = False        # chunks padded to their own longest prompt
     class_shard: tuple | None = None    # CoOp under torchrun: (this rank's classes, host ints; gather -> (C, D))
 
 
 # ----------------------------------------------------------------------------------------------
-# fused LayerNorm and QuickGELU in a copy of the CLIP
+# fused LayerNorm, QuickGELU and causal attention in a copy of the CLIP
 
 
 class _FusedLayerNorm(clip_module.LayerNorm):
@@ -67,17 +72,23 @@ class _FusedQuickGELU(clip_module.QuickGELU):
         return elementwise.quick_gelu(x) if use_triton(x) else super().forward(x)
 
 
-def fused_elementwise(clip):
-    """A copy of `clip` sharing its parameters and buffers whose LayerNorms and QuickGELUs run the
-    fused kernels where Triton runs (CUDA tensors, or TRITON_INTERPRET=1) and their plain selves
-    elsewhere. Make it after casting the CLIP (convert_dtype replaces buffers)."""
+class _FusedAttention(clip_module.Attention):
+    def forward(self, x, causal=False):
+        return _attention(self, x)[0] if causal and use_triton(x) else super().forward(x, causal)
+
+
+def fused_copy(clip, elementwise=True, attention=True):
+    """A copy of `clip` sharing its parameters and buffers whose LayerNorms and QuickGELUs
+    (elementwise) and causal attentions (attention) run the fused kernels where Triton runs (CUDA
+    tensors, or TRITON_INTERPRET=1) and their plain selves elsewhere. Make it after casting the CLIP
+    (convert_dtype replaces buffers)."""
+    swaps = {**({clip_module.LayerNorm: _FusedLayerNorm, clip_module.QuickGELU: _FusedQuickGELU} if elementwise
+                else {}), **({clip_module.Attention: _FusedAttention} if attention else {})}
     shared = {id(t): t for t in [*clip.parameters(), *clip.buffers()]}
     fused = copy.deepcopy(clip, memo=shared)          # new modules, the same tensors
     for module in fused.modules():
-        if type(module) is clip_module.LayerNorm:
-            module.__class__ = _FusedLayerNorm            # same parameters and names, other forward
-        elif type(module) is clip_module.QuickGELU:
-            module.__class__ = _FusedQuickGELU
+        if type(module) in swaps:
+            module.__class__ = swaps[type(module)]        # same parameters and names, other forward
     return fused
 
 
@@ -99,7 +110,9 @@ def _attention(attn, x, prefix_kv=None, group=None):
     B, L, W = x.shape
     qkv = F.linear(x, attn.in_proj_weight, attn.in_proj_bias)                # (B, L, 3W)
     q, k, v = qkv.view(B, L, 3, attn.heads, W // attn.heads).permute(2, 0, 3, 1, 4)   # (B, h, L, hs)
-    if prefix_kv is None:
+    if isinstance(attn, _FusedAttention) and use_triton(x):                 # kernels/attention.py
+        y = causal_attention(q, k, v, *(prefix_kv or (None, None)), group)
+    elif prefix_kv is None:
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
     else:
         pk, pv = prefix_kv
@@ -190,7 +203,8 @@ class FastPromptedCLIP(PromptedCLIP):
     weights) with whatever else holds them."""
 
     def __init__(self, clip, learner, config: FastConfig = FastConfig()):
-        super().__init__(fused_elementwise(clip) if config.fused_elementwise else clip, learner)
+        fused = config.fused_elementwise or config.fused_attention
+        super().__init__(fused_copy(clip, config.fused_elementwise, config.fused_attention) if fused else clip, learner)
         self.config = config
         self._plans = {}                         # (EOT positions, device) -> chunks, see _chunks
         self._indices = {}                       # host index lists -> device tensors

@@ -33,7 +33,7 @@ def test_kernels_under_triton_interpreter():
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not cuda",
            __file__]
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    run = subprocess.run(cmd, env=env, cwd=Path(__file__).parents[1], capture_output=True,
+    run = subprocess.run(cmd, env=env, cwd=Path(__file__).parent, capture_output=True,
                          text=True, timeout=300)
     assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
     assert " passed" in run.stdout and " failed" not in run.stdout

@@ -31,7 +31,7 @@ _TOL = {torch.float32: 2e-6, torch.bfloat16: 2 * 2 ** -8, torch.float16: 2 * 2 *
 def test_kernels_under_triton_interpreter():
     pytest.importorskip("triton")
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not cuda", __file__]
-    run = subprocess.run(cmd, env={**os.environ, "TRITON_INTERPRET": "1"}, cwd=Path(__file__).parents[1],
+    run = subprocess.run(cmd, env={**os.environ, "TRITON_INTERPRET": "1"}, cwd=Path(__file__).parent,
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
     assert " passed" in run.stdout and " failed" not in run.stdout
@@ -154,15 +154,17 @@ def test_a_weight_of_the_wrong_width_is_refused():
                                                          ("coop", False, True)])
 def test_fast_path_with_the_kernels_equals_the_reference_path(monkeypatch, method, shared_prefix, resnet):
     """Under the interpreter PromptedCLIP's fast path runs the CLIP's LayerNorms and QuickGELUs as
-    these kernels (counted): loss and context gradient must equal the plain reference path's (fp32)."""
+    these kernels, and the text's attention as kernels/attention.py (counted): loss and context
+    gradient must equal the plain reference path's (fp32)."""
+    from coop_min import fast
     from coop_min.clip import CLIP, CLIPConfig
     from coop_min.fast import FastConfig, FastPromptedCLIP
     from coop_min.prompts import PromptConfig, build_prompted_clip
 
-    calls = {"layer_norm": 0, "quick_gelu": 0}
-    for name in calls:
-        kernel = getattr(ew, name)
-        monkeypatch.setattr(ew, name, lambda *a, _k=kernel, _n=name, **k: calls.__setitem__(_n, calls[_n] + 1) or _k(*a, **k))
+    calls = {"layer_norm": 0, "quick_gelu": 0, "causal_attention": 0}
+    for module, name in ((ew, "layer_norm"), (ew, "quick_gelu"), (fast, "causal_attention")):
+        kernel = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _k=kernel, _n=name, **k: calls.__setitem__(_n, calls[_n] + 1) or _k(*a, **k))
     torch.manual_seed(0)
     vision = ((1, 1, 1, 1), 8, None) if resnet else (2, 64, 16)             # layers, width, patch
     clip = CLIP(CLIPConfig(32, 32, *vision, 2, 77, 49408, 64, 2, 2)).eval()
@@ -182,6 +184,7 @@ def test_fast_path_with_the_kernels_equals_the_reference_path(monkeypatch, metho
             # ViT: ln_pre, ln_post, 2 per block (a ResNet has none); text: 2 per block and ln_final
             image = (0, 0) if resnet else (2 + 2 * 2, 2)
             assert calls["layer_norm"] >= image[0] + 2 * 2 + 1 and calls["quick_gelu"] >= image[1] + 2, calls
+            assert calls["causal_attention"] >= 2, calls          # each text layer (and its prefix)
             seen = dict(calls)
     assert calls == seen                                   # the reference path calls none of them
     (fast_loss, fast_grad), (ref_loss, ref_grad) = results

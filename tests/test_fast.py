@@ -45,7 +45,7 @@ def test_text_cut_after_the_last_eot_equals_all_77_positions():
 
 def test_fused_copy_shares_the_weights_and_leaves_the_original_plain():
     model = _clip()
-    fused = fast.fused_elementwise(model)
+    fused = fast.fused_copy(model)
     assert fused is not model
     assert all(a is b for a, b in zip(model.parameters(), fused.parameters()))
     assert all(a is b for a, b in zip(model.buffers(), fused.buffers()))
