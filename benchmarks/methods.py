@@ -310,7 +310,8 @@ def zeroshot_methods(case, models, device, settings: Settings, measure=None):
     images = torch.randn(case.batch, 3, r, r, generator=g).to(device)
     labels = torch.randint(0, case.classes, (case.batch,), generator=g).to(device)
     tokens = tokenize([f"a photo of a {n}." for n in classnames(case.classes)]).to(device)
-    ours = fused_copy(models.ours, settings.fused_elementwise, settings.fused_attention)
+    fused = settings.fused_elementwise or settings.fused_attention
+    ours = fused_copy(models.ours, settings.fused_elementwise, settings.fused_attention) if fused else models.ours
 
     def to_loss(logits):
         return F.cross_entropy(logits.float(), labels)
