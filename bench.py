@@ -39,7 +39,6 @@ cost model of the sharded text encoder and, over several GPUs (or CPU processes)
 whole train steps (benchmarks/scaling.py). `--markdown` prints the README's speed table from the JSON
 files of earlier runs (benchmarks/table.markdown).
 """
-import argparse
 import json
 import os
 import subprocess
@@ -52,6 +51,7 @@ import torch
 from benchmarks import checks, cost, memory, scaling, table
 from benchmarks.methods import Models, Settings, head_methods, train_methods, zeroshot_methods
 from benchmarks.timing import copy_gbps, free
+from coop_min import cli
 from coop_min.kernels.cosine_ce import use_triton
 
 
@@ -176,8 +176,7 @@ def _commit():
 
 
 def _parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.error = lambda message: p.exit(2, f"{p.prog}: error: {message}; see --help\n")  # one line, no usage block
+    p = cli.parser("bench.py", __doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cuda", "cpu"))
     p.add_argument("--cases", default="", help="comma-separated name prefixes, e.g. coop-vit,head (default: all)")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")

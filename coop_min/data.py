@@ -48,6 +48,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from coop_min.files import atomic_write
 from coop_min.transforms import load_image  # PIL.Image, or ValueError naming the file
 
 
@@ -428,10 +429,11 @@ def save_split(path, splits):
     data = {"name": splits.name, "root": splits.root, "classnames": splits.classnames,
             "imagenet_labels": splits.imagenet_labels,
             "train": rows(splits.train), "val": rows(splits.val), "test": rows(splits.test)}
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(data, f)
-    os.replace(tmp, path)
+
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(data, f)                   # one line: ImageNet's test split is 50,000 rows
+    atomic_write(path, write)
 
 
 def load_split(path, root=None) -> DatasetSplits:

@@ -14,6 +14,7 @@ import json
 import os
 
 from coop_min import summarize, sweep
+from coop_min.evaluate import harmonic_mean
 
 SEEDS = (1, 2, 3)
 SHOTS = (1, 2, 4, 8, 16)
@@ -26,7 +27,7 @@ def tables(rows, weights):
     base2new = {s: r["Demo"] for s, r in rows["base2new"].items() if s[-1] == weights and "Demo" in r}
     for s, name in summarize.labels(base2new).items():
         b, n = (summarize.stat(base2new[s][h])[0] for h in ("base", "new"))
-        b2n[name] = {"base": b, "new": n, "H": summarize.harmonic(b, n)}     # H of the means, as the paper
+        b2n[name] = {"base": b, "new": n, "H": harmonic_mean(b, n)}     # H of the means, as the paper
     for s, name in summarize.labels({s for s in rows["few_shot"] if s[-1] == weights}).items():
         demo = rows["few_shot"][s].get("Demo", {})
         zero_shot = summarize.stat(demo.get(0))

@@ -9,9 +9,7 @@ test set and the predictions are gathered, so the metrics are exactly those of o
 CLIP and the prompts compute with the fast path (coop_min/fast.py: fused kernels on CUDA, text cut
 after the last EOT) unless --reference-path asks for the plain computation; the numbers are the same.
 """
-import argparse
 import os
-import sys
 import time
 
 import torch
@@ -19,7 +17,7 @@ import torch.nn.functional as F
 
 from coop_min import data as D
 from coop_min import distributed as dist
-from coop_min import fast, runs
+from coop_min import cli, fast, runs
 from coop_min.clip import convert_dtype
 from coop_min.files import write_json
 from coop_min.prompts import PromptedCLIP, load_prompt, nearest_words
@@ -170,10 +168,13 @@ def _predict_image(path, clip, classnames, model, weights, device):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m coop_min.evaluate", description=(
+    cli.exit_with(cli.run(_main, argv))
+
+
+def _main(argv):
+    p = cli.parser("python -m coop_min.evaluate", description=(
         "Evaluate zero-shot CLIP or learned prompts on a dataset's test split; interpret learned context; "
         "classify one image. With no --data: the bundled demo benchmark and tiny CLIP."))
-    p.error = lambda message: p.exit(2, f"{p.prog}: error: {message}; see --help\n")  # one line, no usage block
     p.add_argument("--data", help="dataset folder (as for training); default: the demo benchmark")
     p.add_argument("--dataset", default="auto", help="dataset name or auto (default auto)")
     p.add_argument("--weights", help="CLIP: a safetensors file, an OpenAI name (ViT-B/16, ...) or hf-hub:ORG/NAME "
@@ -212,17 +213,6 @@ def main(argv=None):
             runs.check_writable(args.output)
         run(_from_run(args))
         dist.end_rank()                      # torchrun: see there
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-        sys.exit(2)
-    except OSError as e:
-        print(f"error: {e.strerror or e} ({e.filename or 'an output file'})", file=sys.stderr)
-        sys.exit(2)
-    except SystemExit as e:
-        if isinstance(e.code, str):
-            print(e.code, file=sys.stderr)
-            sys.exit(2)
-        raise
     finally:
         dist.teardown()
 

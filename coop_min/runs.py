@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from coop_min import hub, weights
+from coop_min import cli, hub, weights
 from coop_min.files import atomic_write, sha256_file, write_json
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -59,7 +59,7 @@ def check_writable(folder, flag="--output"):
     while not os.path.exists(probe):
         probe = os.path.dirname(probe)
     if not os.path.isdir(probe) or not os.access(probe, os.W_OK | os.X_OK):
-        raise SystemExit(f"error: {flag} {folder} cannot be written ({probe} is not a writable folder); "
+        raise cli.UsageError(f"{flag} {folder} cannot be written ({probe} is not a writable folder); "
                          f"pick another {flag}")
 
 
@@ -158,42 +158,42 @@ def failed_start(folder):
 
 def start_folder(folder, settings: dict, resume: bool, free=()):
     """Check that `folder` can take a new run (or, with resume, that it holds this run: the same
-    settings except those in `free`). Raises SystemExit with one line; changes nothing."""
+    settings except those in `free`). Raises UsageError; changes nothing."""
     state_path = os.path.join(folder, "state.pt")
     if os.path.exists(folder) and not os.path.isdir(folder):
-        raise SystemExit(f"error: --output {folder} is a file, not a folder; pick another --output")
+        raise cli.UsageError(f"--output {folder} is a file, not a folder; pick another --output")
     if resume:
         if not os.path.exists(state_path):
-            raise SystemExit(f"error: --resume but {state_path} does not exist; start without --resume")
+            raise cli.UsageError(f"--resume but {state_path} does not exist; start without --resume")
         saved = read_config(folder)
         changed = sorted(k for k in settings if saved.get(k) != settings[k] and k not in free)
         if changed:
-            raise SystemExit(f"error: --resume with different settings ({', '.join(changed)}); use the run's "
+            raise cli.UsageError(f"--resume with different settings ({', '.join(changed)}); use the run's "
                              f"settings or another --output")
     elif os.path.exists(state_path) or os.path.exists(os.path.join(folder, "results.json")):
-        raise SystemExit(f"error: {folder} already holds a run; pass --resume to continue it or --output for a new one")
+        raise cli.UsageError(f"{folder} already holds a run; pass --resume to continue it or --output for a new one")
     elif os.path.isdir(folder) and os.listdir(folder) and not failed_start(folder):   # someone else's files
-        raise SystemExit(f"error: --output {folder} is not empty (it holds {', '.join(sorted(os.listdir(folder))[:3])}); "
+        raise cli.UsageError(f"--output {folder} is not empty (it holds {', '.join(sorted(os.listdir(folder))[:3])}); "
                          "a new run needs a new or empty folder: remove its files or pick another --output")
 
 
 def read_config(folder):
-    """The run's config.json as a dict (SystemExit with one line if it is missing or not one)."""
+    """The run's config.json as a dict (UsageError if it is missing or not one)."""
     path = os.path.join(folder, "config.json")
     try:
         with open(path) as f:
             saved = json.load(f)
     except (OSError, ValueError) as e:
-        raise SystemExit(f"error: cannot read {path} ({' '.join(str(e).split())}); --resume needs the run's own "
+        raise cli.UsageError(f"cannot read {path} ({cli.one_line(e)}); --resume needs the run's own "
                          "config.json") from None
     if not isinstance(saved, dict):
-        raise SystemExit(f"error: {path} is not a run's config.json; start a new run in another --output")
+        raise cli.UsageError(f"{path} is not a run's config.json; start a new run in another --output")
     return saved
 
 
 def lock(folder):
     """Create `folder` and hold an exclusive lock on it for this process's life (the returned file);
-    another process that holds it is named in a one-line SystemExit."""
+    another process that holds it is named in a UsageError."""
     os.makedirs(folder, exist_ok=True)
     f = open(os.path.join(folder, ".lock"), "a+")
     try:
@@ -202,7 +202,7 @@ def lock(folder):
         f.seek(0)
         holder = f.read().strip() or "another process"
         f.close()
-        raise SystemExit(f"error: {folder} is in use by process {holder}; wait for it to finish or pick "
+        raise cli.UsageError(f"{folder} is in use by process {holder}; wait for it to finish or pick "
                          "another --output") from None
     f.seek(0)
     f.truncate()
@@ -248,21 +248,21 @@ def save_state(folder, learner, optimizer, epoch, batch, metrics_bytes, torch_rn
 def read_state(folder):
     path = os.path.join(folder, "state.pt")
     if not os.path.exists(path):
-        raise SystemExit(f"error: --resume but {path} does not exist; start without --resume")
+        raise cli.UsageError(f"--resume but {path} does not exist; start without --resume")
     try:
         return torch.load(path, weights_only=True)
     except Exception as e:  # weights_only refuses anything but tensors and plain containers
-        raise SystemExit(f"error: cannot read {path} ({type(e).__name__}): it is not a state.pt this trainer "
-                         "wrote, so the run cannot be resumed; start a new run in another --output") from None
+        raise cli.UsageError(f"cannot read {path} ({type(e).__name__}): it is not a state.pt this trainer "
+                             "wrote, so the run cannot be resumed; start a new run in another --output") from None
 
 
 def check_state(state, folder, learner, optimizer, epochs, clip_sha256):
-    """Refuse (one-line SystemExit) a state.pt whose schema, types, shapes or values this run cannot
-    continue from, before anything is restored; then restore parameters, optimizer and RNG."""
+    """Refuse (UsageError) a state.pt whose schema, types, shapes or values this run cannot continue
+    from, before anything is restored; then restore the optimizer, parameters and RNG."""
     path = os.path.join(folder, "state.pt")
 
     def refuse(why):
-        raise SystemExit(f"error: {path} cannot be resumed: {why}; start a new run in another --output")
+        raise cli.UsageError(f"{path} cannot be resumed: {why}; start a new run in another --output")
     keys = {"params", "optimizer", "epoch", "batch", "metrics_bytes", "torch_rng", "clip_sha256", "progress"}
     if not isinstance(state, dict) or not keys <= set(state):
         refuse(f"it is not a state.pt this trainer wrote (it needs {sorted(keys)})")
@@ -292,16 +292,29 @@ def check_state(state, folder, learner, optimizer, epochs, clip_sha256):
         if not isinstance(v, torch.Tensor) or v.shape != own[k].shape or not v.is_floating_point() \
                 or not torch.isfinite(v).all():
             refuse(f"parameter {k} is not a finite tensor of shape {tuple(own[k].shape)}")
-    try:
-        optimizer.load_state_dict(state["optimizer"])
-    except Exception as e:  # torch raises several types for a malformed optimizer state
-        refuse(f"its optimizer state does not fit ({' '.join(str(e).split())[:200]})")
-    for group in optimizer.param_groups:
-        if not all(isinstance(group[k], (int, float)) for k in ("lr", "momentum", "weight_decay", "dampening")):
-            refuse("its optimizer settings are not numbers")
-        for p in group["params"]:
-            buf = optimizer.state.get(p, {}).get("momentum_buffer")
-            if buf is not None and (buf.shape != p.shape or not torch.isfinite(buf).all()):
-                refuse(f"a momentum buffer is not a finite tensor of shape {tuple(p.shape)}")
+    if fault := _optimizer_state_fault(optimizer, state["optimizer"]):
+        refuse(fault)
+    optimizer.load_state_dict(state["optimizer"])       # checked: every check above passed
     learner.load_state_dict(params)
     torch.set_rng_state(rng)
+
+
+def _optimizer_state_fault(optimizer, saved):
+    """Why the optimizer state `saved` cannot continue `optimizer` (None if it can). It is loaded into
+    a stand-in with parameters of the same shapes, so that `optimizer` is untouched until it passes."""
+    groups = [dict(g, params=[torch.empty_like(p) for p in g["params"]]) for g in optimizer.param_groups]
+    trial = torch.optim.Optimizer(groups, {})
+    try:
+        trial.load_state_dict(saved)
+    except Exception as e:  # torch raises several types for a malformed optimizer state
+        return f"its optimizer state does not fit ({' '.join(str(e).split())[:200]})"
+    for group in trial.param_groups:
+        settings = [group.get(k) for k in ("lr", "momentum", "weight_decay", "dampening")]
+        if not all(isinstance(v, (int, float)) and abs(v) < float("inf") for v in settings):   # NaN fails too
+            return "its optimizer settings (lr, momentum, weight_decay, dampening) are not finite numbers"
+        for p in group["params"]:
+            buf = trial.state.get(p, {}).get("momentum_buffer")
+            if buf is not None and (not isinstance(buf, torch.Tensor) or buf.shape != p.shape
+                                    or not torch.isfinite(buf).all()):
+                return f"a momentum buffer is not a finite tensor of shape {tuple(p.shape)}"
+    return None

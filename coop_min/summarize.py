@@ -14,14 +14,15 @@ that of the mean base and the mean new; the Average row averages base and new ov
 takes H of those averages, as the CoCoOp paper does. A cell without results is "-", one over fewer
 seeds than its table's fullest says how many ("(2/3)"); an average needs every dataset of its table.
 """
-import argparse
 import csv
 import json
 import os
 import statistics
-import sys
 
 from PIL import Image, ImageDraw
+
+from coop_min import cli
+from coop_min.evaluate import harmonic_mean
 
 DG_TARGETS = ("ImageNetV2", "ImageNetSketch", "ImageNetA", "ImageNetR")
 ORDER = ("ImageNet", "Caltech101", "OxfordPets", "StanfordCars", "OxfordFlowers", "Food101", "FGVCAircraft",
@@ -134,10 +135,6 @@ def average(stats):
     return None if not stats or None in stats else (statistics.mean(s[0] for s in stats), 0.0, 0)
 
 
-def harmonic(base, new):
-    return 2 * base * new / (base + new) if base + new > 0 else 0.0
-
-
 def _cell(s, most=0, std=True):
     """"mean ± std", then "(n/most)" when fewer seeds than `most` went into it; "-" for no results."""
     if s is None:
@@ -150,7 +147,7 @@ def _cells(setting, stats, most):            # zero-shot CLIP has no seeds of it
 
 
 def _h(b, n):
-    return f"{harmonic(b[0], n[0]):.2f}" if b and n else "-"
+    return f"{harmonic_mean(b[0], n[0]):.2f}" if b and n else "-"
 
 
 def _order(names):
@@ -370,24 +367,23 @@ def _plot_base2new(rows, output):
     names, groups = labels(rows), []
     for d in _order({d for row in rows.values() for d in row}):
         means = {n: (stat(rows[s][d]["base"])[0], stat(rows[s][d]["new"])[0]) for s, n in names.items() if d in rows[s]}
-        groups.append((d, {n: (b, nw, harmonic(b, nw)) for n, (b, nw) in means.items()}))
+        groups.append((d, {n: (b, nw, harmonic_mean(b, nw)) for n, (b, nw) in means.items()}))
     plot_bars(groups, list(names.values()), os.path.join(output, "base2new.png"))
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m coop_min.summarize", description=(
+    cli.exit_with(cli.run(_main, argv))
+
+
+def _main(argv):
+    p = cli.parser("python -m coop_min.summarize", description=(
         "The papers' tables (Markdown, CSV) and plots (PNG) from every results.json below RUNS."))
-    p.error = lambda message: p.exit(2, f"{p.prog}: error: {message}; see --help\n")  # one line, no usage block
     p.add_argument("runs", metavar="RUNS", help="the folder of the runs (a sweep's --output)")
     p.add_argument("--output", help="the folder for summary.md, the CSV files and the plots (default RUNS)")
     args = p.parse_args(argv)
     if not os.path.isdir(args.runs):
         p.error(f"{args.runs} is not a folder; pass a sweep's --output")
-    try:
-        text, _ = summarize(args.runs, args.output)
-    except OSError as e:
-        print(f"error: {e.strerror or e} ({e.filename or args.output})", file=sys.stderr)
-        sys.exit(2)
+    text, _ = summarize(args.runs, args.output)
     print(text)
     print(f"written: summary.md, the CSV files and the plots in {args.output or args.runs}")
 

@@ -34,7 +34,7 @@ import time
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from coop_min import hub, runs
+from coop_min import cli, hub, runs
 from coop_min import train as T
 from coop_min.files import write_json
 
@@ -188,14 +188,14 @@ def plan(args, extras):
 
 
 def check_settings(jobs):
-    """A run already in a job's folder must hold the settings this sweep asks for (one-line SystemExit)."""
+    """A run already in a job's folder must hold the settings this sweep asks for (else UsageError)."""
     for job in jobs:
         if job.expect is None or not (_done(job.folder) or os.path.exists(os.path.join(job.folder, "state.pt"))):
             continue
         saved = runs.read_config(job.folder)
         differ = [f"{k} {saved.get(k)!r}, not {v!r}" for k, v in job.expect.items() if saved.get(k) != v]
         if differ:
-            raise SystemExit(f"error: {job.folder} holds a run with other settings ({'; '.join(differ)}); rerun "
+            raise cli.UsageError(f"{job.folder} holds a run with other settings ({'; '.join(differ)}); rerun "
                              "with that run's flags, or pass another --output")
 
 
@@ -271,9 +271,7 @@ def execute(jobs, devices, typed, out):
             time.sleep(0.1)
     except KeyboardInterrupt:
         _stop(running)
-        print(f"interrupted: {len(running)} running stopped, each folder keeps its last checkpoint; rerun the "
-              "same command to continue", file=sys.stderr)
-        sys.exit(130)
+        raise
     return failed
 
 
@@ -336,11 +334,10 @@ def _check(p, args, extras):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m coop_min.sweep", allow_abbrev=False, description=(
+    p = cli.parser("python -m coop_min.sweep", allow_abbrev=False, description=(
         "Run a protocol of the CoOp/CoCoOp papers over a data root, one run folder per run; finished runs are "
         "skipped and unfinished ones continued, so interrupt and rerun it freely. Other flags are "
         "coop_min.train flags, passed to every run."))
-    p.error = lambda message: p.exit(2, f"{p.prog}: error: {message}; see --help\n")  # one line, no usage block
     a = p.add_argument
     a("--data", help="the folder holding the datasets under their official folder names (default: the demo)")
     a("--protocol", required=True, choices=list(PROTOCOLS))
@@ -365,22 +362,18 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
+    cli.exit_with(cli.run(_main, argv, interrupted="interrupted: the running runs were stopped, each folder keeps "
+                                                   "its last checkpoint; rerun the same command to continue"))
+
+
+def _main(argv):
     args, extras = parse_args(argv)
-    try:
-        jobs = plan(args, extras)
-        if args.print_commands:
-            print("\n".join(shlex.join(job.line) for job in jobs))
-            return
-        check_settings(jobs)
-        runs.check_writable(args.output)
-    except ValueError as e:                  # a setting train's resolve refuses
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-        sys.exit(2)
-    except SystemExit as e:                  # one line from runs.read_config / check_writable / check_settings
-        if isinstance(e.code, str):
-            print(e.code, file=sys.stderr)
-            sys.exit(2)
-        raise
+    jobs = plan(args, extras)
+    if args.print_commands:
+        print("\n".join(shlex.join(job.line) for job in jobs))
+        return 0
+    check_settings(jobs)
+    runs.check_writable(args.output)
     # Ctrl-C, a kill -INT (even where a shell started the sweep ignoring it) and a scheduler's SIGTERM all stop the
     # runs; the runs, in process groups of their own, get SIGINT from the sweep alone, once
     signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -388,8 +381,9 @@ def main(argv=None):
     if failed := execute(jobs, args.devices or [None], {n for n, _ in _flags(extras)}, args.output):
         print(f"error: {len(failed)} of {len(jobs)} runs failed (logs in {os.path.join(args.output, 'sweep-logs')}); "
               "rerun the same command to retry them", file=sys.stderr)
-        sys.exit(1)
+        return 1
     print(f"all {len(jobs)} runs finished; their tables: python -m coop_min.summarize {args.output}", flush=True)
+    return 0
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from coop_min import cuda_graph, runs
+from coop_min import cli, cuda_graph, runs
 from coop_min import data as D
 from coop_min import distributed as dist
 from coop_min import evaluate as E
@@ -104,22 +104,11 @@ def learning_rate(epoch, cfg):
 def resolve(cfg: TrainConfig, dataset_name: str) -> TrainConfig:
     """Fill every unset field with the paper default for this method, shot count and dataset."""
     cocoop = cfg.method == "cocoop"
+    prompt = _prompt_config(cfg)             # the context's paper defaults live in prompts.PromptConfig
+    cfg.n_ctx = prompt.n_ctx
+    cfg.csc = prompt.csc
     if cfg.ctx_init is None:
-        cfg.ctx_init = "a photo of a" if cocoop else ""
-    if cfg.ctx_init.strip():                 # the phrase sets M (its BPE tokens), as in the official code
-        m = PromptConfig(method=cfg.method, ctx_init=cfg.ctx_init).n_ctx       # prompts.py's rule, not a copy
-        if cfg.n_ctx is not None and cfg.n_ctx != m:
-            raise ValueError(f"--n-ctx {cfg.n_ctx} disagrees with --ctx-init {cfg.ctx_init!r}, whose {m} tokens set "
-                             f"M; drop --n-ctx, or pass --ctx-init \"\" for {cfg.n_ctx} random context vectors")
-        cfg.n_ctx = m
-    if cfg.n_ctx is None:
-        cfg.n_ctx = 4 if cocoop else 16
-    with warnings.catch_warnings(record=True) as caught:   # CSC with a phrase: one generic context, as official
-        warnings.simplefilter("always")
-        cfg.csc = PromptConfig(method=cfg.method, n_ctx=cfg.n_ctx, ctx_init=cfg.ctx_init, csc=cfg.csc,
-                               class_token_position=cfg.class_token_position).csc
-    for w in caught:
-        print(f"warning: {w.message}", file=sys.stderr)
+        cfg.ctx_init = prompt.ctx_init
     if cfg.epochs is None:
         cfg.epochs = paper_epochs(cfg.method, cfg.shots, dataset_name)
     if cfg.batch_size is None:
@@ -134,6 +123,22 @@ def resolve(cfg: TrainConfig, dataset_name: str) -> TrainConfig:
         tag = f"{cfg.method}_{cfg.shots}shots_nctx{cfg.n_ctx}{'_csc' if cfg.csc else ''}_{cfg.class_token_position}"
         cfg.output = os.path.join("runs", dataset_name, cfg.subsample, tag, f"seed{cfg.seed}")
     return cfg
+
+
+def _prompt_config(cfg):
+    """PromptConfig of the flags: a phrase decides M (its BPE tokens, as in the official code), and an
+    --n-ctx that disagrees is refused; CSC with a phrase is one generic context, as official (warned)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        prompt = PromptConfig(method=cfg.method, n_ctx=cfg.n_ctx, ctx_init=cfg.ctx_init, csc=cfg.csc,
+                              class_token_position=cfg.class_token_position)
+    for w in caught:
+        print(f"warning: {w.message}", file=sys.stderr)
+    if prompt.ctx_init and cfg.n_ctx is not None and cfg.n_ctx != prompt.n_ctx:
+        raise cli.UsageError(f"--n-ctx {cfg.n_ctx} disagrees with --ctx-init {prompt.ctx_init!r}, whose "
+                             f"{prompt.n_ctx} tokens set M; drop --n-ctx, or pass --ctx-init \"\" for "
+                             f"{cfg.n_ctx} random context vectors")
+    return prompt
 
 
 # ----------------------------------------------------------------------------------------------
@@ -314,7 +319,7 @@ def run(cfg: TrainConfig):
     if cfg.cuda_graph is None:               # the captured step is exact (tests/test_bench_graph.py) and faster
         cfg.cuda_graph = device.startswith("cuda") and world.size == 1 and not cfg.reference_path
     if cfg.cuda_graph and (not device.startswith("cuda") or world.size > 1 or cfg.reference_path):
-        raise SystemExit("error: --cuda-graph captures the fast path of one process on a CUDA device; "
+        raise cli.UsageError("--cuda-graph captures the fast path of one process on a CUDA device; "
                          "drop it for CPU, torchrun or --reference-path runs")
     settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "resume"}
     runs.start_folder(folder, settings, cfg.resume, free=RESUME_MAY_CHANGE)
@@ -408,10 +413,9 @@ def _save_and_test(cfg, clip, clip_sha, learner, few, train_split, dataset_name,
 
 
 def parse_args(argv=None) -> TrainConfig:
-    p = argparse.ArgumentParser(prog="python -m coop_min.train", allow_abbrev=False, description=(
+    p = cli.parser("python -m coop_min.train", allow_abbrev=False, description=(
         "Learn CoOp/CoCoOp prompts for a frozen CLIP. Unset flags take the paper default for the method, shot "
         "count and dataset. With no --data: the bundled demo benchmark and tiny CLIP."))
-    p.error = lambda message: p.exit(2, f"{p.prog}: error: {message}; see --help\n")  # one line, no usage block
     a = p.add_argument
     a("--data", help="dataset folder (official CoOp layouts, split_zhou json, or class/image.jpg); default: demo")
     a("--dataset", default="auto", help="dataset name, or auto to detect from the folder (default auto)")
@@ -482,25 +486,16 @@ def _resumed(parser, argv, values):
 
 
 def main(argv=None):
+    cli.exit_with(cli.run(
+        _main, argv, interrupted="interrupted: the run folder keeps its last checkpoint; continue with --resume",
+        os_error_hint="; the run folder keeps its last checkpoint; fix it and continue with --resume"))
+
+
+def _main(argv):
     cfg = parse_args(argv)
     try:
         run(cfg)
         dist.end_rank()                      # torchrun: see there
-    except (ValueError, FileNotFoundError, FloatingPointError) as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-        sys.exit(2)
-    except OSError as e:                     # a full disk, a folder that became read-only
-        print(f"error: {e.strerror or e} ({e.filename or 'a run file'}); the run folder keeps its last "
-              "checkpoint; fix it and continue with --resume", file=sys.stderr)
-        sys.exit(2)
-    except SystemExit as e:
-        if isinstance(e.code, str):
-            print(e.code, file=sys.stderr)
-            sys.exit(2)
-        raise
-    except KeyboardInterrupt:
-        print("interrupted: the run folder keeps its last checkpoint; continue with --resume", file=sys.stderr)
-        sys.exit(130)
     finally:
         dist.teardown()
 

@@ -6,7 +6,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 # our files and the module names they have once installed (kernels/ and weights/ are mapped into coop_min)
 PACKAGES = {"coop_min": "coop_min", "kernels": "coop_min.kernels", "weights": "coop_min.weights"}
-LEAVES = {"coop_min.clip", "coop_min.tokenizer", "coop_min.transforms", "coop_min.templates", "coop_min.files"}
+LEAVES = {"coop_min.clip", "coop_min.tokenizer", "coop_min.transforms", "coop_min.templates", "coop_min.files",
+          "coop_min.cli"}
 
 
 def _modules():
@@ -119,3 +120,20 @@ def test_the_checkout_leaves_huggingface_kernels_and_transformers_importable():
     assert Path(kernels.__file__).resolve().parent != ROOT / "kernels", kernels.__file__
     import coop_min.kernels
     assert Path(coop_min.kernels.__file__).resolve().parent == ROOT / "kernels"   # ours, as a sub-package
+
+
+def test_only_the_command_line_edge_exits():
+    """One way to fail: library code raises; coop_min/cli.py alone turns that into an exit code (a
+    script's `if __name__ == "__main__"` block may pass main's code to sys.exit)."""
+    modules, _ = _graph()
+    for name, path in modules.items():
+        if name == "coop_min.cli":
+            continue
+        tree = ast.parse(path.read_text())
+        guarded = {id(n) for guard in ast.walk(tree) if isinstance(guard, ast.If) and "__main__" in ast.unparse(guard.test)
+                   for n in ast.walk(guard)}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Name) and node.id == "SystemExit":
+                raise AssertionError(f"{path.name}:{node.lineno} raises SystemExit; raise cli.UsageError")
+            if isinstance(node, ast.Call) and ast.unparse(node.func) in ("sys.exit", "exit", "quit"):
+                assert id(node) in guarded, f"{path.name}:{node.lineno} exits; return a code to cli.run instead"

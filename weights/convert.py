@@ -43,6 +43,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+import coop_min.cli as cli   # the module itself: coop_min/__init__.py (coop_min.load) leads here
 from coop_min.clip import build_clip
 from coop_min.files import atomic_write
 
@@ -471,9 +472,8 @@ def convert(src, dst, dtype="fp32", gelu=None, vision_heads=None, text_heads=Non
 
 def main(argv=None):
     doc = __doc__.split("\n\n")
-    parser = argparse.ArgumentParser(prog="convert.py", description=doc[0], epilog="\n\n".join(doc[2:]),
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.error = lambda message: parser.exit(2, f"convert.py: error: {message}; see --help\n")  # one line
+    parser = cli.parser("convert.py", doc[0], epilog="\n\n".join(doc[2:]),
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("src", help="OpenAI .pt (TorchScript or state dict), open_clip .pt/.pth/.bin/.ckpt/"
                                     ".safetensors state dict, or a Hugging Face CLIPModel directory")
     parser.add_argument("dst", help="output .safetensors file (replaced atomically)")
@@ -494,7 +494,7 @@ def main(argv=None):
     try:
         meta = convert(args.src, args.dst, args.dtype, gelu, args.vision_heads, args.text_heads)
     except (ValueError, OSError, SafetensorError) as e:   # SafetensorError: e.g. DST not writable
-        print(f"convert.py: error: {' '.join(str(e).split())}", file=sys.stderr)
+        print(f"convert.py: error: {cli.one_line(e)}", file=sys.stderr)
         return 2
     if meta["format"] == "state-dict" and gelu is None:
         print("convert.py: warning: a state dict does not say its activation; QuickGELU assumed (OpenAI, open_clip "
