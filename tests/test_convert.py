@@ -625,7 +625,16 @@ def test_hf_hub_cache_snapshot_whose_shards_link_into_blobs_converts(tmp_path):
         f.rename(blobs / f"blob{i}")
         (snapshot / f.name).symlink_to(f"../../blobs/blob{i}")
     convert.convert(snapshot, tmp_path / "cached.safetensors")
-    assert load_file(tmp_path / "cached.safetensors").keys() == load_file(tmp_path / "single.safetensors").keys()
+    cached, single = load_file(tmp_path / "cached.safetensors"), load_file(tmp_path / "single.safetensors")
+    assert cached.keys() == single.keys()
+    assert [k for k in single if not torch.equal(cached[k], single[k])] == []      # the single file's values
+    written = hf.state_dict()                                                    # the tensors written, by hand
+    assert torch.equal(cached["token_embedding.weight"], written["text_model.embeddings.token_embedding.weight"])
+    assert torch.equal(cached["text_projection"], written["text_projection.weight"].t())
+    assert torch.equal(cached["transformer.resblocks.1.attn.in_proj_bias"], torch.cat(
+        [written[f"text_model.encoder.layers.1.self_attn.{x}_proj.bias"] for x in "qkv"]))
+    errors = _hf_errors(hf, load_clip(tmp_path / "cached.safetensors"), 2, 32)  # and all of them, by their use
+    assert max(errors.values()) <= 1e-5, errors
 
 
 @pytest.fixture

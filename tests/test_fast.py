@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from coop_min import fast
-from coop_min.clip import CLIP, CLIPConfig, LayerNorm, QuickGELU, build_clip
+from coop_min.clip import CLIP, Attention, CLIPConfig, LayerNorm, QuickGELU, build_clip
 from coop_min.tokenizer import tokenize
 
 
@@ -45,17 +45,26 @@ def test_text_cut_after_the_last_eot_equals_all_77_positions():
 
 def test_fused_copy_shares_the_weights_and_leaves_the_original_plain():
     model = _clip()
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    tokens = tokenize(["a photo of a dog.", "a much longer sentence about a golden retriever"])
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():                                # the original's numbers, before any copy exists
+        image_before, text_before = model.encode_image(images), model.encode_text(tokens)
     fused = fast.fused_copy(model)
     assert fused is not model
     assert all(a is b for a, b in zip(model.parameters(), fused.parameters()))
     assert all(a is b for a, b in zip(model.buffers(), fused.buffers()))
     assert [n for n, _ in model.named_parameters()] == [n for n, _ in fused.named_parameters()]
     kinds = lambda m, cls: sum(type(x) is cls for x in m.modules())  # noqa: E731
-    assert kinds(model, LayerNorm) > 0 and kinds(model, QuickGELU) > 0
-    assert kinds(fused, LayerNorm) == 0 and kinds(fused, QuickGELU) == 0    # all swapped in the copy
-    assert sum(isinstance(x, LayerNorm) for x in fused.modules()) == kinds(model, LayerNorm)   # same places
-    images = torch.randn(2, 3, 32, 32)
-    torch.testing.assert_close(fused.encode_image(images), model.encode_image(images))   # CPU: the plain ops
+    for cls in (LayerNorm, QuickGELU, Attention):
+        assert kinds(model, cls) > 0 and kinds(fused, cls) == 0, cls            # all swapped in the copy
+        assert sum(isinstance(x, cls) for x in fused.modules()) == kinds(model, cls), cls   # same places
+        assert all(type(x) is cls for x in model.modules() if isinstance(x, cls)), cls      # the original plain
+    assert [k for k, v in model.state_dict().items() if not torch.equal(v, weights[k])] == []   # weights untouched
+    with torch.no_grad():                                # CPU: the swapped modules run the plain ops
+        torch.testing.assert_close(fused.encode_image(images), image_before)
+        torch.testing.assert_close(fused.encode_text(tokens), text_before)
+        torch.testing.assert_close(model.encode_image(images), image_before)
 
 
 def _first_ctx_gradient(model, images, labels):

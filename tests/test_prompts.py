@@ -227,15 +227,28 @@ def test_class_shard_encodes_only_its_classes(clip):
     assert torch.equal(t[[0, 3]], torch.zeros(2, 32))
 
 
-def test_length_bucket_plan_sorts_cuts_and_restores_the_order():
+def test_length_bucket_plan_sorts_cuts_and_restores_the_order(clip):
     """The plan FastPromptedCLIP runs: chunks of at most 3 prompts of ascending length, each padded to
-    its longest, covering every prompt once (the optimum itself: tests/test_buckets.py)."""
+    its longest, covering every prompt once (the optimum itself: tests/test_buckets.py); and the
+    features it returns, encoded in that sorted order, are put back in class order: row c is class c's,
+    as the method computes it one class at a time."""
     eots = [9, 5, 7, 5, 9, 5, 12]
     chunks = bucket_cuts(eots, max_per_chunk=3, chunk_cost=1)
     assert sorted(i for idx, _ in chunks for i in idx) == list(range(7))
     assert all(len(idx) <= 3 and length == max(eots[i] for i in idx) + 1 for idx, length in chunks)
     assert [eots[i] for idx, _ in chunks for i in idx] == sorted(eots)
     assert len(chunks) > 2
+
+    names = ["2012 Tesla Model S", "dog", "a b c d e f", "cat", "golden_retriever", "ox", "sea lion"]
+    method = build_prompted_clip(clip, names, PromptConfig(n_ctx=4), seed=0)
+    assert method.learner.eot_list != sorted(method.learner.eot_list)     # class order is not length order
+    fast = FastPromptedCLIP(clip, method.learner, FastConfig(max_prompts_per_chunk=3, length_buckets=True))
+    with torch.no_grad():
+        t = fast.text_features()
+        for c, name in enumerate(names):
+            alone = build_prompted_clip(clip, [name], PromptConfig(n_ctx=4), seed=0)
+            alone.learner.ctx.copy_(method.learner.ctx)
+            _close(t[c], alone.text_features()[0])
 
 
 @pytest.mark.parametrize("method,shared_prefix", [("coop", False), ("coop", True), ("cocoop", False), ("cocoop", True)])

@@ -1,5 +1,6 @@
 """Hostile inputs and faults: every bad input exits 2 with one line, nothing already written is lost
 or silently changed, and no result is silently wrong (the drill behind these: README, train/evaluate)."""
+import copy
 import json
 import os
 import shutil
@@ -121,10 +122,29 @@ def _learner(clip):
     return build_prompted_clip(clip, ["cat", "dog"], PromptConfig(n_ctx=2), seed=1).learner
 
 
+def _stepped_optimizer(learner):
+    """SGD with momentum after one step, so that its state holds a momentum buffer (the learner's ctx moves)."""
+    opt = torch.optim.SGD(learner.parameters(), lr=0.1, momentum=0.9)
+    learner.ctx.grad = torch.ones_like(learner.ctx)
+    opt.step()
+    learner.ctx.grad = None
+    return opt
+
+
 def _good_state(learner, opt):
-    return {"params": {k: v.clone() for k, v in learner.state_dict().items()}, "optimizer": opt.state_dict(),
+    return {"params": {k: v.clone() for k, v in learner.state_dict().items()},
+            "optimizer": copy.deepcopy(opt.state_dict()),              # not the live momentum buffers
             "epoch": 1, "batch": 0, "metrics_bytes": 0, "torch_rng": torch.get_rng_state(), "clip_sha256": "ab",
             "progress": [[0.0, 0.0, 0.0], [0.0, 0.0, 0.0]]}
+
+
+def _set_group(key, value):
+    return lambda s: s["optimizer"]["param_groups"][0].__setitem__(key, value)
+
+
+def _same_optimizer_state(a, b):
+    return a["param_groups"] == b["param_groups"] and a["state"].keys() == b["state"].keys() and all(
+        torch.equal(a["state"][k]["momentum_buffer"], b["state"][k]["momentum_buffer"]) for k in a["state"])
 
 
 @pytest.mark.parametrize("hostile,message", [
@@ -137,21 +157,44 @@ def _good_state(learner, opt):
     (lambda s: s.__setitem__("metrics_bytes", -1), "metrics_bytes"),
     (lambda s: s.__setitem__("torch_rng", torch.zeros(3, dtype=torch.uint8)), "torch_rng"),
     (lambda s: s.__setitem__("optimizer", [1, 2]), "optimizer state"),
+    (lambda s: s["optimizer"]["state"][0].__setitem__("momentum_buffer", torch.full((2, 64), float("nan"))),
+     "momentum buffer"),
+    (lambda s: s["optimizer"]["state"][0].__setitem__("momentum_buffer", torch.zeros(3, 64)), "momentum buffer"),
+    (_set_group("lr", "0.1"), "optimizer settings"),
+    (_set_group("momentum", float("nan")), "optimizer settings"),
+    (lambda s: s["optimizer"]["param_groups"][0].pop("weight_decay"), "optimizer settings"),
     (lambda s: s.__setitem__("clip_sha256", "cd"), "CLIP weights sha256"),
     (lambda s: s.__setitem__("progress", [[float("nan")] * 3] * 2), "progress"),
 ])
 def test_a_hostile_state_is_refused_before_anything_is_restored(tmp_path, hostile, message):
     learner = _learner(_tiny_clip(0))
-    opt = torch.optim.SGD(learner.parameters(), lr=0.1, momentum=0.9)
+    opt = _stepped_optimizer(learner)
     state = _good_state(learner, opt)
     hostile(state)
     (tmp_path / "metrics.jsonl").write_text("")
-    ctx, rng = learner.ctx.detach().clone(), torch.get_rng_state()
-    with pytest.raises(SystemExit, match=message) as e:
+    ctx, rng, before = learner.ctx.detach().clone(), torch.get_rng_state(), copy.deepcopy(opt.state_dict())
+    with pytest.raises(ValueError, match=message) as e:        # a UsageError: one line at the CLI's edge
         runs.check_state(state, str(tmp_path), learner, opt, 50, "ab")
-    assert "\n" not in str(e.value.code)
+    assert "\n" not in str(e.value)
     assert torch.equal(learner.ctx, ctx) and torch.equal(torch.get_rng_state(), rng)
+    assert _same_optimizer_state(opt.state_dict(), before), "the optimizer was restored from a refused state"
     assert (tmp_path / "metrics.jsonl").read_text() == ""
+
+
+def test_a_good_state_restores_the_learner_the_optimizer_and_the_rng(tmp_path):
+    saved_learner = _learner(_tiny_clip(0))
+    state = _good_state(saved_learner, _stepped_optimizer(saved_learner))     # ctx and buffer after one step
+    state["optimizer"]["param_groups"][0]["lr"] = 0.25
+    state["torch_rng"] = rng = torch.Generator().manual_seed(5).get_state()
+    (tmp_path / "metrics.jsonl").write_text("")
+    learner = _learner(_tiny_clip(0))
+    fresh = learner.ctx.detach().clone()
+    opt = torch.optim.SGD(learner.parameters(), lr=0.1, momentum=0.9)                 # fresh: no buffer
+    runs.check_state(state, str(tmp_path), learner, opt, 50, "ab")
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert torch.equal(learner.ctx, state["params"]["ctx"]) and not torch.equal(learner.ctx, fresh)
+    assert opt.param_groups[0]["lr"] == 0.25
+    torch.testing.assert_close(opt.state[learner.ctx]["momentum_buffer"], torch.ones(2, 64), rtol=0, atol=0)
 
 
 def test_a_list_instead_of_a_state_dict_is_refused(setup, finished, tmp_path):
@@ -195,10 +238,21 @@ def test_a_size_mismatch_is_one_line(tmp_path):
     assert "\n" not in str(e.value)
 
 
-def test_an_unwritable_output_is_refused_before_any_work(monkeypatch, tmp_path):
-    monkeypatch.setattr(os, "access", lambda path, mode: False)  # as a read-only filesystem answers (even root)
-    with pytest.raises(SystemExit, match="cannot be written"):
-        runs.check_writable(str(tmp_path / "new" / "run"))
+@pytest.mark.parametrize("module,args", [("coop_min.train", ["--shots", "2", "--epochs", "1"]),
+                                         ("coop_min.evaluate", ["--zero-shot"])])
+def test_an_unwritable_output_is_refused_before_any_work(setup, tmp_path, module, args):
+    """An --output below a file cannot be made by anyone, root included (for whom a chmod'ed folder is
+    still writable). The command names it before it loads anything: the line is the writability
+    check's, not the OSError of a late makedirs, and nothing was printed or written."""
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    out = blocker / "run"
+    r = subprocess.run(cli(module, setup, *args, "--output", str(out)), env=ENV, capture_output=True, text=True,
+                       timeout=300)
+    line = _one_line(r)
+    assert "cannot be written" in line and f"{blocker} is not a writable folder" in line, line
+    assert r.stdout == ""                                   # no progress, no accuracy: nothing ran
+    assert list(tmp_path.iterdir()) == [blocker] and blocker.read_text() == ""
 
 
 def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):

@@ -180,12 +180,12 @@ def test_summarize_tables_of_partial_base2new_and_transfer_results(tmp_path):
            side={"prompt": None, "weights": None})
     _write(runs / "stray", {"dataset": "DescribableTextures", "accuracy": 1.0})      # no sweep.json: left out
     text, _ = summarize.summarize(str(runs), str(tmp_path / "out"))
-    # per dataset: H of the mean base (91) and mean new (62); EuroSAT has one seed of two
-    assert f"| Caltech101 | CoOp | 91.00 ± 1.00 | 62.00 ± 2.00 | {summarize.harmonic(91, 62):.2f} |" in text
+    # per dataset: H of the mean base (91) and mean new (62), 2 * 91 * 62 / 153 = 73.7516; EuroSAT has one seed of two
+    assert "| Caltech101 | CoOp | 91.00 ± 1.00 | 62.00 ± 2.00 | 73.75 |" in text
     assert "| EuroSAT | CoOp | 80.00 ± 0.00 (1/2) | 40.00 ± 0.00 (1/2) |" in text
-    # the average row: mean base (85.5) and mean new (51) over datasets, then H of those
-    assert f"| Average | CoOp | 85.50 | 51.00 | {summarize.harmonic(85.5, 51):.2f} |" in text
-    assert "| Average | zero-shot CLIP | 50.00 | 70.00 |" in text
+    # the average row: mean base (85.5) and mean new (51) over datasets, then H of those: 8721 / 136.5 = 63.8901
+    assert "| Average | CoOp | 85.50 | 51.00 | 63.89 |" in text
+    assert "| Average | zero-shot CLIP | 50.00 | 70.00 | 58.33 |" in text                # 7000 / 120
     assert "| zero-shot CLIP | 66.00 | 55.00 | 55.00 |" in text                   # source from the runs
     assert "| CoOp | 71.00 ± 1.00 | 61.00 ± 1.00 | 61.00 |" in text
     assert "| 16 shots |" in text and "| ImageNet | 66.00 | 71.00 ± 1.00 |" in text
@@ -204,3 +204,25 @@ def test_summarize_a_folder_without_results_and_a_missing_folder(tmp_path, capsy
     with pytest.raises(SystemExit) as e:
         summarize.main([str(tmp_path / "nope")])
     assert e.value.code == 2 and len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_a_sweep_started_ignoring_sigint_still_stops_on_sigint(root, tmp_path):
+    """A shell starts a background job (`cmd &` in a script) with SIGINT ignored, and Python then leaves
+    it ignored; the sweep catches it all the same, so kill -INT stops it and its run as Ctrl-C does."""
+    out = tmp_path / "runs"
+    cmd = [sys.executable, "-m", "coop_min.sweep", "--data", str(root), "--protocol", "few-shot", "--datasets", "dtd",
+           "--shots", "1", "--seeds", "1", "--epochs", "50", "--batch-size", "4", "--workers", "0", "--output", str(out)]
+    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    for line in proc.stdout:                 # the run has started: wait until it is training, then kill -INT
+        if line.startswith("[1/1]") and "start" in line:
+            config = os.path.join(line.split(" -> ")[1].strip(), "config.json")
+            deadline = time.monotonic() + 60
+            while not os.path.exists(config) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            proc.send_signal(signal.SIGINT)
+            break
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, (proc.returncode, stdout, stderr)
+    assert len(stderr.strip().splitlines()) == 1 and stderr.startswith("interrupted"), stderr
+    assert not _results(out)                 # its run was stopped too, before it finished

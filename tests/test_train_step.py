@@ -1,7 +1,10 @@
-"""cuda_graph.SGD, the optimizer that keeps the learning rate on the device, against torch.optim.SGD,
-and TrainStep's guard against capturing the first step (CPU; the CUDA graph tests: test_cuda_graph.py)."""
+"""cuda_graph.SGD, the optimizer that keeps the learning rate on the device, against torch.optim.SGD;
+TrainStep's guard against capturing the first step (CPU; the CUDA graph tests: test_cuda_graph.py);
+and train's host check of the labels, which a captured step cannot make."""
+import pytest
 import torch
 
+from coop_min import train
 from coop_min.cuda_graph import TrainStep
 
 
@@ -36,12 +39,46 @@ def test_device_lr_sgd_equals_torch_sgd_over_many_steps_with_momentum_and_weight
                                    rtol=1e-5, atol=1e-7)
 
 
+class _CPUCapture(TrainStep):
+    """TrainStep whose capture, the CUDA graph's part, is a stand-in that runs on the CPU: it records
+    whether the optimizer held its momentum buffers when the capture began, and its "graph" replays
+    the eager step on the static inputs. Everything that decides when to capture is TrainStep's own."""
+
+    def _capture(self, inputs, lrs):
+        self.captured_with_buffers = self.optimizer.has_momentum_buffers()
+        self.static_inputs = [x.clone() for x in inputs]
+        self.graph, self.lrs = self, lrs
+
+    def replay(self):
+        self.static_outputs = self._eager(self.static_inputs)
+
+
 def test_a_capture_never_creates_the_momentum_buffers():
     """warmup=0 is raised to one eager step, and a step whose optimizer still lacks its momentum
     buffers runs eagerly: a captured first step would create them inside the graph's memory."""
     from coop_min.cuda_graph import SGD
 
     p = torch.zeros(3, requires_grad=True)
-    step = TrainStep(lambda: ((p * 2).sum(),), SGD([p], lr=0.1, momentum=0.9), cuda_graph=True, warmup=0)
+    step = _CPUCapture(lambda: ((p * 2).sum(),), SGD([p], lr=0.1, momentum=0.9), cuda_graph=True, warmup=0)
     assert step.warmup == 1
     assert not step.optimizer.has_momentum_buffers()
+    step.warmup = 0                      # past the warm-up (a CUDA side stream) with no buffers made yet
+    step()
+    assert step.graph is None, "captured a step whose optimizer had no momentum buffers yet"
+    assert step.optimizer.has_momentum_buffers()                            # the eager step made them
+    step()
+    assert step.graph is not None and step.captured_with_buffers            # then captured, with them
+    # two SGD steps of d(2 sum p)/dp = 2, momentum 0.9: buf 2 then 3.8, p = -0.1 * 2 - 0.1 * 3.8
+    torch.testing.assert_close(p.detach(), torch.full((3,), -0.58), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("labels", [[0, 4, 2, 4], [3], []])
+def test_labels_in_range_pass_the_host_check(labels):
+    train._check_labels(torch.tensor(labels, dtype=torch.long), 5)
+
+
+@pytest.mark.parametrize("labels,shown", [([0, 5, 2], "[0, 5, 2]"), ([-1, 3], "[-1, 3]"), ([9], "[9]")])
+def test_labels_out_of_range_are_refused_naming_the_range(labels, shown):
+    with pytest.raises(ValueError) as e:
+        train._check_labels(torch.tensor(labels, dtype=torch.long), 5)
+    assert "[0, 5)" in str(e.value) and shown in str(e.value), e.value
