@@ -44,6 +44,11 @@ def compute_metrics(pred, labels, classnames):
             "per_class_accuracy": per_class, "total": len(labels), "correct": int((pred == labels).sum())}
 
 
+def zero_shot_name(templates="single"):
+    """The baseline's one name in every table: zero-shot CLIP, with the ensemble named when used."""
+    return "zero-shot CLIP" if templates == "single" else "zero-shot CLIP (ensemble)"
+
+
 def harmonic_mean(base, new):
     return 2 * base * new / (base + new) if base + new > 0 else 0.0
 
@@ -189,12 +194,13 @@ def _main(argv):
     p.add_argument("--interpret", type=int, metavar="K", help="print the K nearest words of each context vector")
     p.add_argument("--image", help="classify one image file: top-5 classes with probabilities")
     p.add_argument("--output", help="folder for results.json (default: print only)")
-    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--batch-size", type=int, default=100, help="images per forward pass (default 100)")
     p.add_argument("--device", help="default cuda if available")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"],
                    help="frozen CLIP compute dtype (default bf16 on CUDA, fp32 on CPU, as in training)")
     p.add_argument("--workers", type=int, default=0, help="data loader worker processes (default 0)")
-    p.add_argument("--skip-bad-images", action="store_true")
+    p.add_argument("--skip-bad-images", action="store_true",
+                   help="skip and count unreadable images instead of failing")
     p.add_argument("--reference-path", action="store_true",
                    help="compute with the method as written in prompts.py instead of the fast path (same numbers)")
     args = p.parse_args(argv)
@@ -259,11 +265,14 @@ def _classify_image(args, clip, prompted, device, say):
     if prompted is not None:
         model = prompted()
         names, weights = model.learner.classnames, None
+        by = f"{model.learner.config.method} prompts from {args.prompt}"
     else:
         splits = _load(args)
         names, model = splits.classnames, None
         weights = zero_shot_weights(clip, names, templates_for(splits.name, args.templates == "ensemble"), device,
                                     not args.reference_path)
+        by = f"{zero_shot_name(args.templates)} (no --prompt given) on {splits.name}'s {len(names)} classes"
+    say(f"{args.image}, top {min(5, len(names))} by {by}, CLIP {args.weights or 'the bundled demo CLIP'}:")
     for name, prob in _predict_image(args.image, clip, names, model, weights, device):
         say(f"{prob * 100:6.2f}%  {name}")
     return None
@@ -279,11 +288,12 @@ def _score(args, clip, prompted, device, world, say):
         feats, labels = split_features(clip, part.test, args.batch_size, device, args.workers, args.skip_bad_images,
                                        world, say)
         if prompted is not None:
-            pred, name = predict_prompted(prompted(part.classnames), feats), f"prompt ({half})"
+            model = prompted(part.classnames)
+            pred, name = predict_prompted(model, feats), f"{model.learner.config.method} ({half})"
         else:
             w = zero_shot_weights(clip, part.classnames, templates_for(splits.name, args.templates == "ensemble"), device,
                                   not args.reference_path)
-            pred, name = predict_zero_shot(feats, w), f"zero-shot {args.templates} ({half})"
+            pred, name = predict_zero_shot(feats, w), f"{zero_shot_name(args.templates)} ({half})"
         pred, labels = dist.all_gather_cat(pred), dist.all_gather_cat(labels)
         m = compute_metrics(pred.cpu(), labels.cpu(), part.classnames)
         results[half], rows = m, rows + [(name, m)]

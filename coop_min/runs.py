@@ -117,14 +117,15 @@ class Progress:
         eta = (now - self.start) / max(self.steps, 1) * self.steps_left
         self.last, self.line_totals = now, [0.0, 0, 0]
         return (f"loss {loss_sum / max(n, 1):.4f} acc {100.0 * correct / max(n, 1):.1f}% {rate:.1f} img/s "
-                f"eta {_duration(eta)}")
+                f"eta {duration(eta)}")
 
     def epoch_means(self):
         (loss_sum, correct, n), self.epoch_totals = self.epoch_totals, [0.0, 0, 0]
         return {"mean_loss": round(loss_sum / max(n, 1), 6), "mean_acc": round(100.0 * correct / max(n, 1), 4)}
 
 
-def _duration(seconds):
+def duration(seconds):
+    """'42s', '3.5 min', '1.2 h'."""
     if seconds < 60:
         return f"{seconds:.0f}s"
     if seconds < 3600:

@@ -340,7 +340,8 @@ def parse_args(argv=None):
         "coop_min.train flags, passed to every run."))
     a = p.add_argument
     a("--data", help="the folder holding the datasets under their official folder names (default: the demo)")
-    a("--protocol", required=True, choices=list(PROTOCOLS))
+    a("--protocol", required=True, choices=list(PROTOCOLS),
+      help="few-shot (CoOp Figure 3), base2new (CoCoOp Table 1), cross-dataset (Table 2), dg (domain generalisation)")
     a("--datasets", type=_dataset_keys, help="comma-separated, named as the official configs/datasets "
                                              "(default: the protocol's, e.g. the 11 for few-shot)")
     a("--shots", type=_ints, help="comma-separated (default 1,2,4,8,16 for few-shot, else 16)")

@@ -357,11 +357,12 @@ def run(cfg: TrainConfig):
                              seed=cfg.seed, cache_decoded=len(train_split.train) <= 20000, skip_bad=cfg.skip_bad_images)
     t0 = time.time()
     train_epochs(cfg, model, opt, dataset, log, folder, clip_sha, state, world)
-    log.print(f"finished training in {(time.time() - t0) / 60:.1f} min")
+    log.print(f"finished training in {runs.duration(time.time() - t0)}")
     results = _save_and_test(cfg, clip, clip_sha, learner, few, train_split, splits.name, log, folder, world)
     log.print(f"results: {os.path.join(folder, 'results.json')}")
     if held is not None:
-        held.close()                         # releases the lock
+        held.close()                         # releases the lock; a finished run keeps no lock file
+        os.remove(os.path.join(folder, ".lock"))
     return results
 
 
@@ -389,7 +390,7 @@ def _save_and_test(cfg, clip, clip_sha, learner, few, train_split, dataset_name,
     learned, zero_shot = _evaluate_classes(cfg, model, train_split, world)
     results = {**learned, "dataset": dataset_name, "method": cfg.method, "shots": cfg.shots, "seed": cfg.seed,
                "subsample": cfg.subsample, "zero_shot": zero_shot}
-    rows = [(f"zero-shot CLIP ({cfg.subsample})", zero_shot), (f"{cfg.method} ({cfg.subsample})", learned)]
+    rows = [(f"{E.zero_shot_name()} ({cfg.subsample})", zero_shot), (f"{cfg.method} ({cfg.subsample})", learned)]
     if cfg.subsample == "base" and not cfg.csc:
         new_split = D.subsample_classes(few, "new")
         new_model = _model(cfg, clip, load_prompt(prompt_path, clip, new_split.classnames, clip_sha).learner)
@@ -398,7 +399,7 @@ def _save_and_test(cfg, clip, clip_sha, learner, few, train_split, dataset_name,
                        harmonic_mean=E.harmonic_mean(learned["accuracy"], new["accuracy"]),
                        new_metrics=new, zero_shot_new=new_zero_shot,
                        zero_shot_harmonic_mean=E.harmonic_mean(zero_shot["accuracy"], new_zero_shot["accuracy"]))
-        rows += [("zero-shot CLIP (new)", new_zero_shot), (f"{cfg.method} (new)", new)]
+        rows += [(f"{E.zero_shot_name()} (new)", new_zero_shot), (f"{cfg.method} (new)", new)]
     if world.main:
         write_json(os.path.join(folder, "results.json"), results)
     log.print(E.format_table(rows, f"test accuracy, {dataset_name}, {cfg.shots} shots, seed {cfg.seed}"))
@@ -421,12 +422,14 @@ def parse_args(argv=None) -> TrainConfig:
     a("--dataset", default="auto", help="dataset name, or auto to detect from the folder (default auto)")
     a("--weights", help="CLIP: a safetensors file from coop_min.weights.convert, an OpenAI name (ViT-B/16, RN50, ...) "
                         "or hf-hub:ORG/NAME, downloaded once (default: the bundled tiny demo CLIP)")
-    a("--method", default="coop", choices=["coop", "cocoop"])
+    a("--method", default="coop", choices=["coop", "cocoop"],
+      help="CoOp (learned context) or CoCoOp (context plus a Meta-Net shift per image) (default coop)")
     a("--shots", type=int, default=16, help="training images per class (default 16)")
     a("--n-ctx", type=int, help="context length M (paper: 16 CoOp, 4 CoCoOp); a --ctx-init phrase sets it")
     a("--ctx-init", help='initial context phrase, "" for random N(0, 0.02) (paper: random CoOp, "a photo of a" CoCoOp)')
     a("--csc", action="store_true", help="class-specific contexts (CoOp)")
-    a("--class-token-position", default="end", choices=["end", "middle", "front"])
+    a("--class-token-position", default="end", choices=["end", "middle", "front"],
+      help="where the class name sits among the context vectors (CoOp; default end)")
     a("--subsample", default="all", choices=["all", "base", "new"],
       help="train on all classes or a half (base also reports new and the harmonic mean)")
     a("--epochs", type=int, help="(paper: CoOp 50/100/200 for 1/2-4/8-16 shots, ImageNet 50; CoCoOp 10)")

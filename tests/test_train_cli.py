@@ -42,6 +42,8 @@ def test_training_writes_every_run_output_and_evaluate_agrees(setup):
     assert [m["lr"] for m in lines if m.get("batch") == 1][:2] == [1e-5, 0.002]   # warm-up epoch, then the peak
     config = json.loads((out / "config.json").read_text())
     assert (config["n_ctx"], config["ctx_init"], config["lr"], config["momentum"]) == (16, "", 0.002, 0.9)
+    assert not (out / ".lock").exists()                  # a finished run keeps no lock
+    assert "finished training in " in (out / "log.txt").read_text()
     assert config["cuda_graph"] is False                 # on by default for one CUDA process only
     # evaluate the saved prompt on both halves: the same numbers as the training run reported
     r = subprocess.run(_cmd("coop_min.evaluate", setup, "--prompt", str(out), "--subsample", "base2new"),
@@ -131,7 +133,9 @@ def test_evaluate_interprets_context_and_classifies_one_image(setup, tmp_path):
     r = subprocess.run(_cmd("coop_min.evaluate", setup, "--prompt", str(out), "--image", image),
                        env=ENV, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    probs = [float(line.split("%")[0]) for line in r.stdout.strip().splitlines()]
+    header, *rows = r.stdout.strip().splitlines()          # the image and the model, then the top 5
+    assert header.startswith(f"{image}, top 5 by coop prompts from {out}"), header
+    probs = [float(line.split("%")[0]) for line in rows]
     assert len(probs) == 5 and probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 100.01
     from coop_min.clip import load_clip                  # the same top 5 from the saved prompt, in-process
     from coop_min.prompts import load_prompt
@@ -141,12 +145,14 @@ def test_evaluate_interprets_context_and_classifies_one_image(setup, tmp_path):
     with torch.no_grad():
         x = image_transform(clip.visual.input_resolution)(load_image(image, rgb=True))[None]
         top = model.logits(x).softmax(-1)[0].topk(5)
-    printed = [line.split("%", 1)[1].strip() for line in r.stdout.strip().splitlines()]
+    printed = [line.split("%", 1)[1].strip() for line in rows]
     assert printed == [model.learner.classnames[i] for i in top.indices.tolist()]
     assert probs == pytest.approx([100 * p for p in top.values.tolist()], abs=0.01)
     r = subprocess.run(_cmd("coop_min.evaluate", setup, "--image", image), env=ENV, capture_output=True, text=True,
                        timeout=120)                      # zero-shot, with the dataset's template
-    assert r.returncode == 0 and len(r.stdout.strip().splitlines()) == 5, r.stderr
+    header, *rows = r.stdout.strip().splitlines()
+    assert r.returncode == 0 and len(rows) == 5, r.stderr
+    assert "zero-shot CLIP (no --prompt given)" in header, header
     bad = tmp_path / "bad.jpg"
     bad.write_bytes(b"not an image")
     r = subprocess.run(_cmd("coop_min.evaluate", setup, "--prompt", str(out), "--image", str(bad)),
