@@ -21,7 +21,7 @@ from benchmarks.timing import free, nbytes, run_method, time_ms
 from coop_min import distributed as dist
 from coop_min.clip import CLIP, convert_dtype
 from coop_min.cuda_graph import TrainStep
-from coop_min.fast import FastConfig, FastPromptedCLIP
+from coop_min.fast import ClassShard, FastConfig, FastPromptedCLIP
 from coop_min.prompts import CoOpPromptLearner, PromptConfig
 
 GLOBAL_BATCH = 32
@@ -44,7 +44,7 @@ def _no_gather(t):  # one rank alone: its own features are all there is
 
 def _text_step(clip, learner, classes, settings):
     """An SGD step on the text features of `classes` alone: the text encoder's forward and backward."""
-    config = FastConfig(fused_elementwise=settings.fused_elementwise, class_shard=(classes, _no_gather))
+    config = FastConfig(fused_elementwise=settings.fused_elementwise, class_shard=ClassShard(classes, _no_gather))
     model = FastPromptedCLIP(clip, learner, config).train()
     return sgd_step(lambda: model.text_features().float().square().mean(), model.trainable_parameters())
 
@@ -91,7 +91,7 @@ def _worker(rank, world_size, job: _Job):
     learner = _coop_learner(clip, job.classes, device)
     shard = dist.class_shard(learner.n_cls, world)
     model = FastPromptedCLIP(clip, learner, FastConfig(fused_elementwise=job.settings.fused_elementwise,
-                                                       class_shard=shard)).train()
+                                                       class_shard=ClassShard(*shard))).train()
     g, B, r = torch.Generator().manual_seed(1), GLOBAL_BATCH, config.image_resolution
     images = torch.randn(B, 3, r, r, generator=g).to(device)
     labels = torch.randint(0, job.classes, (B,), generator=g).to(device)

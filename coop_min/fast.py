@@ -29,6 +29,7 @@ captured as a CUDA graph. The settings are a `FastConfig`, fixed when the object
 """
 import copy
 from dataclasses import dataclass
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +47,13 @@ from coop_min.prompts import PromptedCLIP
 CHUNK_COST = 512
 
 
+class ClassShard(NamedTuple):
+    """Data-parallel CoOp (coop_min/distributed.py makes one): the classes this process encodes, as
+    host ints, and the gather that gives every process all (C, D) features, gradients flowing back."""
+    classes: Sequence[int]
+    gather: Callable
+
+
 @dataclass(frozen=True)
 class FastConfig:
     max_prompts_per_chunk: int = 4096   # text-encoder batch limit (memory)
@@ -53,7 +61,7 @@ class FastConfig:
     fused_attention: bool = True        # the text's causal attention as a Triton kernel where Triton runs
     shared_prefix: bool = False         # [SOS, ctx] encoded once (unified context at the end; CoCoOp)
     length_buckets: bool = False        # chunks padded to their own longest prompt
-    class_shard: tuple | None = None    # CoOp under torchrun: (this rank's classes, host ints; gather -> (C, D))
+    class_shard: ClassShard | None = None   # CoOp under torchrun: encode only this process's classes
 
 
 # ----------------------------------------------------------------------------------------------
@@ -241,7 +249,7 @@ class FastPromptedCLIP(PromptedCLIP):
         if image_features is not None:
             raise ValueError("CoOp text features do not depend on images; call text_features()")
         lrn, shard = self.learner, self.config.class_shard
-        classes = range(lrn.n_cls) if shard is None else shard[0]              # host ints
+        classes = range(lrn.n_cls) if shard is None else shard.classes         # host ints
         if self._prefix_shared():                                           # one prefix for every class
             prefix = torch.cat([lrn.token_prefix[:1], lrn.ctx[None].to(lrn.token_prefix.dtype)], 1)
             kvs = text_prefix_kvs(self.clip, prefix)
@@ -257,7 +265,7 @@ class FastPromptedCLIP(PromptedCLIP):
             def encode(c, length):
                 return self.clip.encode_text_embeddings(lrn(c)[:, :length], lrn.eot[c])
         t = self._encode_chunks(encode, self._index(classes), [lrn.eot_list[c] for c in classes])
-        return t if shard is None else shard[1](t)
+        return t if shard is None else shard.gather(t)
 
     def _index(self, items):  # host ints -> a long tensor on the learner's device, made once
         key = items if isinstance(items, range) else tuple(items)   # a range hashes in O(1) each step

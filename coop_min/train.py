@@ -34,7 +34,7 @@ from coop_min import distributed as dist
 from coop_min import evaluate as E
 from coop_min.clip import convert_dtype
 from coop_min.cuda_graph import TrainStep
-from coop_min.fast import FastConfig, FastPromptedCLIP
+from coop_min.fast import ClassShard, FastConfig, FastPromptedCLIP
 from coop_min.files import write_json
 from coop_min.prompts import PromptConfig, PromptedCLIP, build_prompted_clip, export_classifier, load_prompt, save_prompt
 from coop_min.templates import templates_for
@@ -271,7 +271,7 @@ def _model(cfg, clip, learner, world=dist.World(), train=False):
     shard = train and world.size > 1 and cfg.shard_text and learner.config.method == "coop"
     return FastPromptedCLIP(clip, learner, FastConfig(
         shared_prefix=cfg.shared_prefix, length_buckets=cfg.cuda_graph,       # buckets pay under a graph
-        class_shard=dist.class_shard(learner.n_cls, world) if shard else None))
+        class_shard=ClassShard(*dist.class_shard(learner.n_cls, world)) if shard else None))
 
 
 def make_learner(cfg, clip, classnames):

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from coop_min.clip import CLIP, CLIPConfig
-from coop_min.fast import FastConfig, FastPromptedCLIP, bucket_cuts
+from coop_min.fast import ClassShard, FastConfig, FastPromptedCLIP, bucket_cuts
 from coop_min.prompts import (CoCoOpPromptLearner, CoOpPromptLearner, PromptConfig,
                               build_prompted_clip, export_classifier, load_prompt, nearest_words,
                               save_prompt)
@@ -221,7 +221,7 @@ def test_cocoop_batched_matches_official_per_image_loop(clip):
 def test_class_shard_encodes_only_its_classes(clip):
     method = build_prompted_clip(clip, CLASSNAMES, PromptConfig(n_ctx=4, class_token_position="middle"), seed=0)
     everything = method.text_features()
-    shard = ([1, 2], lambda t: torch.cat([torch.zeros(1, 32), t, torch.zeros(1, 32)]))
+    shard = ClassShard([1, 2], lambda t: torch.cat([torch.zeros(1, 32), t, torch.zeros(1, 32)]))
     t = FastPromptedCLIP(clip, method.learner, FastConfig(class_shard=shard)).text_features()                 # the gather stands in for the other ranks' rows
     _close(t[1:3], everything[1:3])
     assert torch.equal(t[[0, 3]], torch.zeros(2, 32))
