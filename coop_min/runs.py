@@ -45,12 +45,17 @@ def load_weights(path, device, precision="fp32"):
     from coop_min.clip import load_clip
 
     path = DEMO_WEIGHTS if path is None else path
-    if not os.path.isfile(path) and (path in hub.NAMES or path.startswith("hf-hub:")):
-        path = hub.resolve(path)
+    check_weights(path)
     if not os.path.isfile(path):
+        path = hub.resolve(path)
+    return load_clip(path, device=device, dtype=DTYPES[precision]), sha256_file(path)
+
+
+def check_weights(path):
+    """Refuse, before anything else is checked, --weights that is neither a file nor a model name."""
+    if path is not None and not os.path.isfile(path) and not (path in hub.NAMES or path.startswith("hf-hub:")):
         raise FileNotFoundError(f"CLIP weights not found: {path}; pass a file from python -m "
                                 f"coop_min.weights.convert, one of {', '.join(hub.NAMES)}, or hf-hub:ORG/NAME")
-    return load_clip(path, device=device, dtype=DTYPES[precision]), sha256_file(path)
 
 
 def check_writable(folder, flag="--output"):

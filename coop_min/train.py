@@ -310,6 +310,7 @@ def run(cfg: TrainConfig):
     """Train, evaluate on the test split, write every run output; returns the results dict.
     Everything is checked before the run folder changes. Under torchrun: data-parallel, and rank 0
     writes (every rank returns the same results)."""
+    runs.check_weights(cfg.weights)          # the most useful errors first: the weights, then the data
     root = runs.data_root(cfg.data)
     splits = D.load_dataset(root, cfg.dataset)
     cfg = resolve(cfg, splits.name)

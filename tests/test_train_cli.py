@@ -53,6 +53,8 @@ def test_training_writes_every_run_output_and_evaluate_agrees(setup):
     # a second run into the same folder must not overwrite it
     r = _train(setup, out)
     assert r.returncode == 2 and "already holds a run" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    r = _train(setup, out, "--weights", str(setup["root"] / "missing.safetensors"))   # the more useful error first
+    assert r.returncode == 2 and "CLIP weights not found" in r.stderr, r.stderr
 
 
 def test_evaluate_at_the_runs_precision_reproduces_its_accuracy(setup, tmp_path):
