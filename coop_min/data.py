@@ -40,6 +40,7 @@ import json
 import math
 import os
 import random
+import re
 import sys
 import warnings
 from dataclasses import dataclass, replace
@@ -71,6 +72,25 @@ class DatasetSplits:
 
 
 # official NAME -> (folder under the data root, folder that the split file's paths are relative to)
+# the official configs/datasets/<name>.yaml names (sweep's --datasets, run folders) -> (the loader's NAME, folder under --data)
+DATASETS = {
+    "imagenet": ("ImageNet", "imagenet"), "caltech101": ("Caltech101", "caltech-101"),
+    "oxford_pets": ("OxfordPets", "oxford_pets"), "stanford_cars": ("StanfordCars", "stanford_cars"),
+    "oxford_flowers": ("OxfordFlowers", "oxford_flowers"), "food101": ("Food101", "food-101"),
+    "fgvc_aircraft": ("FGVCAircraft", "fgvc_aircraft"), "sun397": ("SUN397", "sun397"),
+    "dtd": ("DescribableTextures", "dtd"), "eurosat": ("EuroSAT", "eurosat"), "ucf101": ("UCF101", "ucf101"),
+    "imagenetv2": ("ImageNetV2", "imagenetv2"), "imagenet_sketch": ("ImageNetSketch", "imagenet-sketch"),
+    "imagenet_a": ("ImageNetA", "imagenet-adversarial"), "imagenet_r": ("ImageNetR", "imagenet-rendition"),
+    "demo": ("Demo", "coop_demo"),           # the bundled demo benchmark, the default without --data
+}
+
+
+def dataset_key(name):
+    """The official config name of a loader NAME (OxfordPets -> oxford_pets); other names lower-cased."""
+    keys = {loader: key for key, (loader, _) in DATASETS.items()}
+    return keys.get(name, re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_"))
+
+
 _SPLIT_FILE_DATASETS = {
     "OxfordPets": ("oxford_pets", "images"),
     "OxfordFlowers": ("oxford_flowers", "jpg"),

@@ -58,6 +58,46 @@ def check_weights(path):
                                 f"coop_min.weights.convert, one of {', '.join(hub.NAMES)}, or hf-hub:ORG/NAME")
 
 
+# ----------------------------------------------------------------------------------------------
+# where a run goes: the official scripts' layout
+
+
+CTX_V1 = "a photo of a"                      # the official *_ctxv1 configs
+
+
+def _slug(text):
+    return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")
+
+
+def backbone(weights):
+    """The folder tag of --weights: ViT-B/16 -> vit_b16 (as the official config names), a file -> its stem."""
+    if weights is None:
+        return "tiny_clip"
+    if weights in hub.NAMES:
+        return _slug(weights.replace("/", ""))
+    if weights.startswith("hf-hub:"):
+        return _slug(weights.rsplit("/", 1)[-1])
+    return _slug(os.path.splitext(os.path.basename(weights))[0])
+
+
+def setting(cfg):
+    """The <setting> folder of a resolved TrainConfig: the backbone, then the official main.sh
+    nctx<M>_csc<C>_ctp<P>, then the init phrase."""
+    init = cfg.ctx_init.strip()
+    tag = "_ctxv1" if init == CTX_V1 else f"_ctx_{_slug(init)[:40]}" if init else ""
+    return f"{backbone(cfg.weights)}_nctx{cfg.n_ctx}_csc{cfg.csc}_ctp{cfg.class_token_position}{tag}"
+
+
+def run_folder(cfg, dataset_key, tags=(), root="runs"):
+    """<root>/[base2new/]<dataset>/shots_<K>/<method>/<setting>/seed<S>, as the official scripts lay out
+    their runs (base-to-new runs, trained on the base half, under base2new/; new-half runs under
+    train_new/). tags (e.g. "ep5", "bs8") end the setting: the settings given that change the numbers
+    beyond it."""
+    half = {"all": [], "base": ["base2new"], "new": ["train_new"]}[cfg.subsample]
+    name = "_".join([setting(cfg), *tags])
+    return os.path.join(root, *half, dataset_key, f"shots_{cfg.shots}", cfg.method, name, f"seed{cfg.seed}")
+
+
 def check_writable(folder, flag="--output"):
     """Refuse, before any work, a folder that cannot be created or written (read-only filesystem)."""
     probe = os.path.abspath(folder)

@@ -31,29 +31,19 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 from coop_min import cli, hub, runs
+from coop_min.data import DATASETS
+from coop_min.runs import CTX_V1, backbone, setting
 from coop_min import train as T
 from coop_min.files import write_json
 
-# --datasets name (as the official configs/datasets/<name>.yaml) -> (the loader's NAME, folder under --data)
-DATASETS = {
-    "imagenet": ("ImageNet", "imagenet"), "caltech101": ("Caltech101", "caltech-101"),
-    "oxford_pets": ("OxfordPets", "oxford_pets"), "stanford_cars": ("StanfordCars", "stanford_cars"),
-    "oxford_flowers": ("OxfordFlowers", "oxford_flowers"), "food101": ("Food101", "food-101"),
-    "fgvc_aircraft": ("FGVCAircraft", "fgvc_aircraft"), "sun397": ("SUN397", "sun397"),
-    "dtd": ("DescribableTextures", "dtd"), "eurosat": ("EuroSAT", "eurosat"), "ucf101": ("UCF101", "ucf101"),
-    "imagenetv2": ("ImageNetV2", "imagenetv2"), "imagenet_sketch": ("ImageNetSketch", "imagenet-sketch"),
-    "imagenet_a": ("ImageNetA", "imagenet-adversarial"), "imagenet_r": ("ImageNetR", "imagenet-rendition"),
-    "demo": ("Demo", "coop_demo"),           # the bundled demo benchmark, the default without --data
-}
 ELEVEN = ("imagenet", "caltech101", "oxford_pets", "stanford_cars", "oxford_flowers", "food101",
           "fgvc_aircraft", "sun397", "dtd", "eurosat", "ucf101")
 TEST_ONLY = ("imagenetv2", "imagenet_sketch", "imagenet_a", "imagenet_r")
 SOURCE = "imagenet"                          # where cross-dataset and dg train
-CTX_V1 = "a photo of a"                      # the official *_ctxv1 configs
 
 
 class Protocol(NamedTuple):
@@ -101,28 +91,6 @@ def _flags(extras):
     return groups
 
 
-def _slug(text):
-    return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")
-
-
-def backbone(weights):
-    """The folder tag of --weights: ViT-B/16 -> vit_b16 (as the official config names), a file -> its stem."""
-    if weights is None:
-        return "tiny_clip"
-    if weights in hub.NAMES:
-        return _slug(weights.replace("/", ""))
-    if weights.startswith("hf-hub:"):
-        return _slug(weights.rsplit("/", 1)[-1])
-    return _slug(os.path.splitext(os.path.basename(weights))[0])
-
-
-def setting(cfg):
-    """The <setting> folder of a resolved TrainConfig."""
-    init = cfg.ctx_init.strip()
-    tag = "_ctxv1" if init == CTX_V1 else f"_ctx_{_slug(init)[:40]}" if init else ""
-    return f"{backbone(cfg.weights)}_nctx{cfg.n_ctx}_csc{cfg.csc}_ctp{cfg.class_token_position}{tag}"
-
-
 class _Planner:
     """What the jobs of one sweep share: the pass-through flags, the resolved settings, the commands."""
 
@@ -152,8 +120,7 @@ class _Planner:
 
     def train(self, key, k, s):
         method, name = self.args.method, DATASETS[key][0]
-        f = os.path.join(self.out, *(["base2new"] if self.sub == "base" else []), key, f"shots_{k}", method,
-                         self.tag, f"seed{s}")
+        f = runs.run_folder(replace(self.cfg, method=method, shots=k, seed=s, subsample=self.sub), key, root=self.out)
         argv = [*PY, "coop_min.train", "--data", self.data(key), "--dataset", name, "--method", method,
                 "--shots", str(k), "--seed", str(s), "--subsample", self.sub, "--output", f, *self.extras]
         expect = {"dataset": name, "method": method, "shots": k, "seed": s, "subsample": self.sub, **self.fixed}

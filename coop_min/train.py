@@ -104,6 +104,7 @@ def learning_rate(epoch, cfg):
 def resolve(cfg: TrainConfig, dataset_name: str) -> TrainConfig:
     """Fill every unset field with the paper default for this method, shot count and dataset."""
     cocoop = cfg.method == "cocoop"
+    given = {"epochs": cfg.epochs, "batch_size": cfg.batch_size, "precision": cfg.precision}
     prompt = _prompt_config(cfg)             # the context's paper defaults live in prompts.PromptConfig
     cfg.n_ctx = prompt.n_ctx
     cfg.csc = prompt.csc
@@ -120,9 +121,22 @@ def resolve(cfg: TrainConfig, dataset_name: str) -> TrainConfig:
     if cfg.workers is None:
         cfg.workers = min(8, os.cpu_count() or 1) if cfg.device.startswith("cuda") else 0
     if cfg.output is None:
-        tag = f"{cfg.method}_{cfg.shots}shots_nctx{cfg.n_ctx}{'_csc' if cfg.csc else ''}_{cfg.class_token_position}"
-        cfg.output = os.path.join("runs", dataset_name, cfg.subsample, tag, f"seed{cfg.seed}")
+        cfg.output = runs.run_folder(cfg, D.dataset_key(dataset_name), _changed(cfg, given, dataset_name))
     return cfg
+
+
+def _changed(cfg, given, dataset_name):
+    """Folder tags of the settings given that change the numbers and differ from the paper's."""
+    tags = []
+    if given["epochs"] is not None and cfg.epochs != paper_epochs(cfg.method, cfg.shots, dataset_name):
+        tags.append(f"ep{cfg.epochs}")
+    if given["batch_size"] is not None and cfg.batch_size != (1 if cfg.method == "cocoop" else 32):
+        tags.append(f"bs{cfg.batch_size}")
+    if cfg.lr != TrainConfig.lr:
+        tags.append(f"lr{cfg.lr:g}")
+    if given["precision"] is not None:
+        tags.append(cfg.precision)
+    return tags
 
 
 def _prompt_config(cfg):
@@ -439,7 +453,8 @@ def parse_args(argv=None) -> TrainConfig:
     a("--seed", type=int, default=1, help="few-shot sampling, context init, batch order and augmentation (default 1)")
     a("--precision", choices=["fp32", "bf16", "fp16"], help="frozen CLIP compute dtype (default bf16 on CUDA, fp32 on CPU)")
     a("--device", help="cpu, cuda, cuda:1 ... (default cuda if available)")
-    a("--output", help="run folder (default runs/<dataset>/<subsample>/<setting>/seed<seed>)")
+    a("--output", help="run folder (default runs/[base2new/]<dataset>/shots_<K>/<method>/<setting>/seed<S>, "
+                       "the official scripts' layout; see README)")
     a("--resume", action="store_true",
       help="continue the run in --output from its state.pt, with the settings of its config.json")
     a("--workers", type=int, help="data loader worker processes (default 0 on CPU, 8 on CUDA)")

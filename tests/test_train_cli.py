@@ -260,3 +260,16 @@ def test_a_resumed_run_decides_the_capture_again(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(saved))
     assert parse_args(["--resume", "--output", str(tmp_path)]).cuda_graph is None
     assert parse_args(["--resume", "--output", str(tmp_path), "--no-cuda-graph"]).cuda_graph is False
+
+
+def test_the_default_run_folder_is_the_sweeps_layout_and_tells_runs_apart():
+    from coop_min.train import TrainConfig, resolve
+    folder = lambda **kw: resolve(TrainConfig(device="cpu", **kw), "DescribableTextures").output  # noqa: E731
+    # the folder test_sweep.py expects of `sweep --protocol base2new --method coop` on dtd, seed 1
+    assert folder(ctx_init="a photo of a", subsample="base") == os.path.join(
+        "runs", "base2new", "dtd", "shots_16", "coop", "tiny_clip_nctx4_cscFalse_ctpend_ctxv1", "seed1")
+    assert folder(weights="ViT-B/16", epochs=5, shots=1) == os.path.join(
+        "runs", "dtd", "shots_1", "coop", "vit_b16_nctx16_cscFalse_ctpend_ep5", "seed1")
+    assert folder(epochs=200, batch_size=32) == folder()          # the paper's values name no tag
+    assert len({folder(), folder(weights="RN50"), folder(epochs=10), folder(lr=0.01), folder(precision="bf16"),
+                folder(batch_size=8), folder(seed=2), folder(method="cocoop")}) == 8
