@@ -1,9 +1,9 @@
 """`python -m coop_min.train`: learn CoOp / CoCoOp prompts the way the papers do.
 
-A training loop is a loop: resolve the config (unset flags take the paper default for the method,
-shot count and dataset), load the frozen CLIP and the few-shot data, then epochs of SGD over the
-context (and Meta-Net) with Dassl's schedule -- one constant warm-up epoch at 1e-5, then a cosine
-stepped once per epoch. The last epoch's prompts are evaluated on the test split. The
+Resolve the config (unset flags take the paper default for the method, shot count and dataset),
+load the frozen CLIP and the few-shot data, then epochs of SGD over the context (and Meta-Net) with
+Dassl's schedule -- one constant warm-up epoch at 1e-5, then a cosine stepped once per epoch
+(`train_epochs`, the loop). The last epoch's prompts are evaluated on the test split. The
 model computes with the fast path (coop_min/fast.py) unless --reference-path asks for the method
 as written in coop_min/prompts.py; both give the same numbers.
 
