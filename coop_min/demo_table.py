@@ -9,12 +9,14 @@ The runs go to OUTPUT/runs in the sweep's layout, so Ctrl-C stops it (one line) 
 where it stopped, reusing the finished runs. Writes into --output `table.md` (the README's table),
 `results.json` and `shots.png`, and summarize's summary.md, CSV files and plots.
 """
-import argparse
-import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
-from coop_min import summarize, sweep
+from coop_min import cli, summarize
 from coop_min.evaluate import harmonic_mean
+from coop_min.files import atomic_write, write_json
 
 SEEDS = (1, 2, 3)
 SHOTS = (1, 2, 4, 8, 16)
@@ -48,7 +50,11 @@ def markdown(b2n, curve, seeds):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m coop_min.demo_table", description=__doc__.splitlines()[0])
+    cli.exit_with(cli.run(_main, argv))
+
+
+def _main(argv):
+    p = cli.parser("python -m coop_min.demo_table", __doc__.splitlines()[0])
     p.add_argument("--output", default="runs/demo_table", help="folder for the runs, table.md and shots.png")
     p.add_argument("--weights", help="CLIP weights (default: the bundled tiny CLIP)")
     p.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
@@ -57,18 +63,20 @@ def main(argv=None):
     common = ["--output", runs, "--seeds", ",".join(map(str, args.seeds))]
     common += ["--weights", args.weights] if args.weights else []
     for protocol, method in (("base2new", "coop"), ("base2new", "cocoop"), ("few-shot", "coop")):
-        sweep.main(["--protocol", protocol, "--method", method, *common])
+        command = [sys.executable, "-m", "coop_min.sweep", "--protocol", protocol, "--method", method, *common]
+        if subprocess.run(command).returncode:               # the sweep said why, in one line
+            return 1
     _, rows = summarize.summarize(runs, args.output)
     b2n, curve = tables(rows, args.weights)
-    with open(os.path.join(args.output, "results.json"), "w") as f:
-        json.dump({"base_to_new": b2n, "shots": {k: [list(v) for v in s] for k, s in curve.items()}}, f, indent=2)
+    write_json(os.path.join(args.output, "results.json"),
+               {"base_to_new": b2n, "shots": {k: [list(v) for v in s] for k, s in curve.items()}})
     series = {name: dict(zip(SHOTS, points)) for name, points in curve.items() if name != "zero-shot CLIP"}
     summarize.plot_shots(series, {"zero-shot CLIP": curve["zero-shot CLIP"][0][0]}, "demo benchmark, all 36 classes",
                          os.path.join(args.output, "shots.png"))
     text = markdown(b2n, curve, args.seeds)
-    with open(os.path.join(args.output, "table.md"), "w") as f:
-        f.write(text)
+    atomic_write(os.path.join(args.output, "table.md"), lambda tmp: Path(tmp).write_text(text))
     print(text)
+    return 0
 
 
 if __name__ == "__main__":

@@ -81,14 +81,22 @@ class Job:
 
 def _flags(extras):
     """Pass-through tokens as [(train field name, tokens)], one group per --flag."""
-    groups = []
+    flags, groups = T.flag_fields(), []
     for t in extras:
         if t.startswith("--"):
-            name = t[2:].split("=")[0]
-            groups.append(("shard_text" if name == "no-shard-text" else name.replace("-", "_"), [t]))
+            flag = t.split("=")[0]
+            groups.append((flags.get(flag, flag[2:].replace("-", "_")), [t]))
         elif groups:
             groups[-1][1].append(t)
     return groups
+
+
+def _train_config(extras, method):
+    """The resolved TrainConfig of the pass-through flags, parsed by train's options as TrainConfig
+    declares them (an unknown or bad flag: one line, exit 2)."""
+    p = cli.parser("python -m coop_min.sweep", allow_abbrev=False, description="")
+    T.add_options(p)
+    return T.resolve(T.config(p, vars(p.parse_args([*extras, "--method", method]))), "")
 
 
 class _Planner:
@@ -102,7 +110,7 @@ class _Planner:
         if ctxv1 and not typed & {"ctx_init", "n_ctx"}:
             extras = [*extras, "--ctx-init", CTX_V1]
         method = "coop" if args.method == "zero-shot" else args.method
-        self.cfg = T.resolve(T.parse_args([*extras, "--method", method]), "")
+        self.cfg = _train_config(extras, method)
         self.extras, self.tag = extras, setting(self.cfg)
         self.free = [t for n, ts in groups if n in T.RESUME_MAY_CHANGE for t in ts]
         self.fixed = {n: getattr(self.cfg, n) for n in typed if n not in T.RESUME_MAY_CHANGE}

@@ -24,7 +24,7 @@ import os
 import sys
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 
 import torch
 
@@ -41,45 +41,84 @@ from coop_min.templates import templates_for
 from coop_min.transforms import train_transform
 
 
+def _option(default, help, least=None, resume=False, **argparse_kwargs):
+    """A TrainConfig field that is also a command-line flag (--field-name unless `flag` says otherwise):
+    its help, its lower bound, whether a resumed run may change it (it changes no number the run
+    computes), and any argparse keywords beyond the type, which the field's annotation gives."""
+    return field(default=default, metadata={"help": help, "least": least, "resume": resume, **argparse_kwargs})
+
+
 @dataclass
 class TrainConfig:
-    data: str | None = None                 # None: the bundled demo benchmark and tiny CLIP
-    dataset: str = "auto"
-    weights: str | None = None
-    method: str = "coop"                     # coop | cocoop
-    shots: int = 16
-    n_ctx: int | None = None                 # paper: 16 (CoOp), 4 (CoCoOp)
-    ctx_init: str | None = None              # paper: random (CoOp), "a photo of a" (CoCoOp)
-    csc: bool = False
-    class_token_position: str = "end"
-    subsample: str = "all"                   # all | base | new
-    epochs: int | None = None                # paper: by method, shots and dataset
-    batch_size: int | None = None            # paper: 32 (CoOp), 1 (CoCoOp)
-    lr: float = 0.002
+    """Every setting of a run, each declared once: parse_args, the --resume check and the sweep's
+    pass-through flags are derived from these fields. None takes the paper's default (resolve)."""
+    data: str | None = _option(None, "dataset folder (official CoOp layouts, split_zhou json, or "
+                               "class/image.jpg); default: the bundled demo benchmark and tiny CLIP")
+    dataset: str = _option("auto", "dataset name, or auto to detect from the folder (default auto)")
+    weights: str | None = _option(None, "CLIP: a safetensors file from coop_min.weights.convert, an OpenAI name "
+                                  "(ViT-B/16, RN50, ...) or hf-hub:ORG/NAME, downloaded once (default: the "
+                                  "bundled tiny demo CLIP); a moved file may resume (its sha256 is checked)",
+                                  resume=True)
+    method: str = _option("coop", "CoOp (learned context) or CoCoOp (context plus a Meta-Net shift per image) "
+                          "(default coop)", choices=["coop", "cocoop"])
+    shots: int = _option(16, "training images per class (default 16)", least=1)
+    n_ctx: int | None = _option(None, "context length M (paper: 16 CoOp, 4 CoCoOp); a --ctx-init phrase sets it",
+                                least=1)
+    ctx_init: str | None = _option(None, 'initial context phrase, "" for random N(0, 0.02) (paper: random CoOp, '
+                                   '"a photo of a" CoCoOp)')
+    csc: bool = _option(False, "class-specific contexts (CoOp)")
+    class_token_position: str = _option("end", "where the class name sits among the context vectors (CoOp; "
+                                        "default end)", choices=["end", "middle", "front"])
+    subsample: str = _option("all", "train on all classes or a half (base also reports new and the harmonic "
+                             "mean)", choices=["all", "base", "new"])
+    epochs: int | None = _option(None, "(paper: CoOp 50/100/200 for 1/2-4/8-16 shots, ImageNet 50; CoCoOp 10)",
+                                 least=1)
+    batch_size: int | None = _option(None, "(paper: 32 CoOp, 1 CoCoOp)", least=1)
+    lr: float = _option(0.002, "peak SGD learning rate (default 0.002)")
     momentum: float = 0.9
     weight_decay: float = 5e-4
     warmup_epochs: int = 1
     warmup_lr: float = 1e-5
-    seed: int = 1
-    precision: str | None = None             # default: bf16 on CUDA, fp32 on CPU
-    device: str | None = None
-    output: str | None = None
-    resume: bool = False
-    workers: int | None = None               # loader processes; default 0 on CPU (compute needs the cores), 8 on CUDA
-    eval_batch_size: int = 100
-    skip_bad_images: bool = False
-    reference_path: bool = False             # the official compute path (slow), for comparison
-    shared_prefix: bool = False              # [SOS, ctx] encoded once: less memory, more kernel launches
-    shard_text: bool = True                  # data-parallel CoOp: each process encodes 1/N of the classes
-    cuda_graph: bool | None = None           # capture each step as a CUDA graph; default: on for one CUDA process
-    save_every: int = 0                      # also checkpoint every N steps inside an epoch (0: epoch ends)
-    print_every: int = 10
+    seed: int = _option(1, "few-shot sampling, context init, batch order and augmentation (default 1)")
+    precision: str | None = _option(None, "frozen CLIP compute dtype (default bf16 on CUDA, fp32 on CPU)",
+                                    choices=["fp32", "bf16", "fp16"])
+    device: str | None = _option(None, "cpu, cuda, cuda:1 ... (default cuda if available)", resume=True)
+    output: str | None = _option(None, "run folder (default runs/[base2new/]<dataset>/shots_<K>/<method>/"
+                                 "<setting>/seed<S>, the official scripts' layout; see README)", resume=True)
+    resume: bool = _option(False, "continue the run in --output from its state.pt, with the settings of its "
+                           "config.json", resume=True)
+    workers: int | None = _option(None, "data loader worker processes (default 0 on CPU, where the compute "
+                                  "needs the cores, 8 on CUDA)", least=0, resume=True)
+    eval_batch_size: int = field(default=100, metadata={"resume": True})
+    skip_bad_images: bool = _option(False, "skip and count unreadable images instead of failing", resume=True)
+    reference_path: bool = _option(False, "compute with the method as written in prompts.py instead of the "
+                                   "fast path (same numbers, slower)")
+    shared_prefix: bool = _option(False, "encode [SOS, ctx] once for all classes (UC, end; CoCoOp): less "
+                                  "memory at many classes, more launches")
+    shard_text: bool = _option(True, "under torchrun, CoOp: every process encodes all classes (default: each "
+                               "encodes 1/N of them)", resume=True, flag="--no-shard-text")
+    cuda_graph: bool | None = _option(None, "capture each training step as a CUDA graph and replay it, with "
+                                      "prompts in length buckets (default: on for one CUDA process without "
+                                      "--reference-path; see README)", resume=True)
+    save_every: int = _option(0, "also checkpoint every N steps inside an epoch", least=0)
+    print_every: int = _option(10, "progress line every N steps (default 10)", least=1, resume=True)
+
+
+def flag_fields():
+    """{--flag: TrainConfig field} of every option (--no-cuda-graph too), as a command line spells them."""
+    flags = {}
+    for f in fields(TrainConfig):
+        if "help" in f.metadata:
+            flag = f.metadata.get("flag", "--" + f.name.replace("_", "-"))
+            flags[flag] = f.name
+            if f.type == bool | None:
+                flags["--no-" + flag[2:]] = f.name
+    return flags
 
 
 # settings a resumed run may change: they change no number it computes (the weights are checked by
 # their sha256 in state.pt, so the file may move), and a run folder may move
-RESUME_MAY_CHANGE = ("output", "weights", "workers", "print_every", "device", "shard_text", "cuda_graph",
-                     "skip_bad_images", "eval_batch_size")
+RESUME_MAY_CHANGE = tuple(f.name for f in fields(TrainConfig) if f.metadata.get("resume"))
 
 # ----------------------------------------------------------------------------------------------
 # the paper's schedule
@@ -428,75 +467,57 @@ def _save_and_test(cfg, clip, clip_sha, learner, few, train_split, dataset_name,
 # command line
 
 
-def parse_args(argv=None) -> TrainConfig:
-    p = cli.parser("python -m coop_min.train", allow_abbrev=False, description=(
-        "Learn CoOp/CoCoOp prompts for a frozen CLIP. Unset flags take the paper default for the method, shot "
-        "count and dataset. With no --data: the bundled demo benchmark and tiny CLIP."))
-    a = p.add_argument
-    a("--data", help="dataset folder (official CoOp layouts, split_zhou json, or class/image.jpg); default: demo")
-    a("--dataset", default="auto", help="dataset name, or auto to detect from the folder (default auto)")
-    a("--weights", help="CLIP: a safetensors file from coop_min.weights.convert, an OpenAI name (ViT-B/16, RN50, ...) "
-                        "or hf-hub:ORG/NAME, downloaded once (default: the bundled tiny demo CLIP)")
-    a("--method", default="coop", choices=["coop", "cocoop"],
-      help="CoOp (learned context) or CoCoOp (context plus a Meta-Net shift per image) (default coop)")
-    a("--shots", type=int, default=16, help="training images per class (default 16)")
-    a("--n-ctx", type=int, help="context length M (paper: 16 CoOp, 4 CoCoOp); a --ctx-init phrase sets it")
-    a("--ctx-init", help='initial context phrase, "" for random N(0, 0.02) (paper: random CoOp, "a photo of a" CoCoOp)')
-    a("--csc", action="store_true", help="class-specific contexts (CoOp)")
-    a("--class-token-position", default="end", choices=["end", "middle", "front"],
-      help="where the class name sits among the context vectors (CoOp; default end)")
-    a("--subsample", default="all", choices=["all", "base", "new"],
-      help="train on all classes or a half (base also reports new and the harmonic mean)")
-    a("--epochs", type=int, help="(paper: CoOp 50/100/200 for 1/2-4/8-16 shots, ImageNet 50; CoCoOp 10)")
-    a("--batch-size", type=int, help="(paper: 32 CoOp, 1 CoCoOp)")
-    a("--lr", type=float, default=0.002, help="peak SGD learning rate (default 0.002)")
-    a("--seed", type=int, default=1, help="few-shot sampling, context init, batch order and augmentation (default 1)")
-    a("--precision", choices=["fp32", "bf16", "fp16"], help="frozen CLIP compute dtype (default bf16 on CUDA, fp32 on CPU)")
-    a("--device", help="cpu, cuda, cuda:1 ... (default cuda if available)")
-    a("--output", help="run folder (default runs/[base2new/]<dataset>/shots_<K>/<method>/<setting>/seed<S>, "
-                       "the official scripts' layout; see README)")
-    a("--resume", action="store_true",
-      help="continue the run in --output from its state.pt, with the settings of its config.json")
-    a("--workers", type=int, help="data loader worker processes (default 0 on CPU, 8 on CUDA)")
-    a("--skip-bad-images", action="store_true", help="skip and count unreadable images instead of failing")
-    a("--reference-path", action="store_true",
-      help="compute with the method as written in prompts.py instead of the fast path (same numbers, slower)")
-    a("--shared-prefix", action="store_true",
-      help="encode [SOS, ctx] once for all classes (UC, end; CoCoOp): less memory at many classes, more launches")
-    a("--no-shard-text", dest="shard_text", action="store_false",
-      help="under torchrun, CoOp: every process encodes all classes (default: each encodes 1/N of them)")
-    a("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
-      help="capture each training step as a CUDA graph and replay it, with prompts in length buckets "
-           "(default: on for one CUDA process without --reference-path; see README)")
-    a("--save-every", type=int, default=0, help="also checkpoint every N steps inside an epoch")
-    a("--print-every", type=int, default=10, help="progress line every N steps (default 10)")
-    values = vars(p.parse_args(argv))
-    for name, least in (("shots", 1), ("epochs", 1), ("batch_size", 1), ("n_ctx", 1), ("workers", 0),
-                        ("save_every", 0), ("print_every", 1)):
-        if values[name] is not None and values[name] < least:
-            p.error(f"--{name.replace('_', '-')} must be >= {least}, got {values[name]}")
+def add_options(p):
+    """TrainConfig's options on the ArgumentParser p, as the fields declare them."""
+    for f in fields(TrainConfig):
+        if "help" not in f.metadata:
+            continue
+        kwargs = {k: v for k, v in f.metadata.items() if k not in ("least", "resume", "flag")}
+        flag = f.metadata.get("flag", "--" + f.name.replace("_", "-"))
+        if f.type == bool | None:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif f.type is bool:
+            kwargs["action"] = "store_false" if flag.startswith("--no-") else "store_true"
+        elif f.type in (int, float, int | None, float | None):
+            kwargs["type"] = int if f.type in (int, int | None) else float
+        p.add_argument(flag, dest=f.name, default=f.default, **kwargs)
+
+
+def config(p, values) -> TrainConfig:
+    """TrainConfig of parsed values, each checked against its field's bounds (p.error: one line)."""
+    for f in fields(TrainConfig):
+        least = f.metadata.get("least")
+        if least is not None and values[f.name] is not None and values[f.name] < least:
+            p.error(f"--{f.name.replace('_', '-')} must be >= {least}, got {values[f.name]}")
     if not (math.isfinite(values["lr"]) and values["lr"] > 0):
         p.error(f"--lr must be a positive number, got {values['lr']}")
     if not 0 <= values["seed"] < 2 ** 63:
         p.error(f"--seed must be between 0 and 2**63 - 1, got {values['seed']}")
-    if values["resume"]:
-        return _resumed(p, argv, values)
     return TrainConfig(**values)
 
 
-def _resumed(parser, argv, values):
+def parse_args(argv=None) -> TrainConfig:
+    p = cli.parser("python -m coop_min.train", allow_abbrev=False, description=(
+        "Learn CoOp/CoCoOp prompts for a frozen CLIP. Unset flags take the paper default for the method, shot "
+        "count and dataset. With no --data: the bundled demo benchmark and tiny CLIP."))
+    add_options(p)
+    cfg = config(p, vars(p.parse_args(argv)))
+    return _resumed(p, argv, cfg) if cfg.resume else cfg
+
+
+def _resumed(parser, argv, cfg):
     """--resume --output DIR: the run's settings from its config.json; flags given must agree with
     them or be among RESUME_MAY_CHANGE."""
-    if values["output"] is None:
+    if cfg.output is None:
         parser.error("--resume needs --output RUN_DIR, the folder of the run to continue")
-    typed = [t[2:].split("=")[0] for t in (sys.argv[1:] if argv is None else argv) if t.startswith("--")]
-    negated = {"no-shard-text": "shard_text", "no-cuda-graph": "cuda_graph"}
-    given = {d: values[d] for d in (negated.get(t, t.replace("-", "_")) for t in typed)}
-    saved = runs.read_config(values["output"])
-    unknown = sorted(set(saved) - {f.name for f in dataclasses.fields(TrainConfig)})
+    flags = flag_fields()
+    typed = [t.split("=")[0] for t in (sys.argv[1:] if argv is None else argv) if t.startswith("--")]
+    given = {flags[t]: getattr(cfg, flags[t]) for t in typed}
+    saved = runs.read_config(cfg.output)
+    unknown = sorted(set(saved) - {f.name for f in fields(TrainConfig)})
     if unknown:
-        parser.error(f"{values['output']}/config.json has settings this trainer does not know ({', '.join(unknown)})")
-    differ = sorted(k for k in given if k in saved and saved[k] != given[k] and k not in (*RESUME_MAY_CHANGE, "resume"))
+        parser.error(f"{cfg.output}/config.json has settings this trainer does not know ({', '.join(unknown)})")
+    differ = sorted(k for k in given if k in saved and saved[k] != given[k] and k not in RESUME_MAY_CHANGE)
     if differ:
         parser.error(f"--resume with settings that differ from the run's ({', '.join(differ)}); drop them to "
                      "continue the run as it was started, or start a new run in another --output")

@@ -137,3 +137,21 @@ def test_only_the_command_line_edge_exits():
                 raise AssertionError(f"{path.name}:{node.lineno} raises SystemExit; raise cli.UsageError")
             if isinstance(node, ast.Call) and ast.unparse(node.func) in ("sys.exit", "exit", "quit"):
                 assert id(node) in guarded, f"{path.name}:{node.lineno} exits; return a code to cli.run instead"
+
+
+def test_nothing_calls_another_modules_command_line():
+    """A module may share another's declarations (train.add_options), never run its command line:
+    no `module.parse_args(...)` or `module.main(...)` of one of our modules outside it."""
+    modules, _ = _graph()
+    for name, path in modules.items():
+        tree = ast.parse(path.read_text())
+        ours = set()                                  # local names bound to our modules
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("coop_min"):
+                ours |= {a.asname or a.name for a in node.names if f"{node.module}.{a.name}" in modules}
+            elif isinstance(node, ast.Import):
+                ours |= {a.asname or a.name for a in node.names if a.name in modules}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and node.attr in ("parse_args", "main", "_main") and \
+                    isinstance(node.value, ast.Name) and node.value.id in ours:
+                raise AssertionError(f"{path.name}:{node.lineno} calls {node.value.id}.{node.attr}")
