@@ -212,7 +212,8 @@ def start_folder(folder, settings: dict, resume: bool, free=()):
         if not os.path.exists(state_path):
             raise cli.UsageError(f"--resume but {state_path} does not exist; start without --resume")
         saved = read_config(folder)
-        changed = sorted(k for k in settings if saved.get(k) != settings[k] and k not in free)
+        # a setting its config.json does not record is one added since: the run had its default
+        changed = sorted(k for k in settings if k in saved and saved[k] != settings[k] and k not in free)
         if changed:
             raise cli.UsageError(f"--resume with different settings ({', '.join(changed)}); use the run's "
                              f"settings or another --output")

@@ -75,6 +75,8 @@ class TrainConfig:
                                  least=1)
     batch_size: int | None = _option(None, "(paper: 32 CoOp, 1 CoCoOp)", least=1)
     lr: float = _option(0.002, "peak SGD learning rate (default 0.002)")
+    templates: str = _option("single", "zero-shot CLIP's prompts in the results: the dataset's template, or the "
+                             "ImageNet ensemble and it (default single)", choices=["single", "ensemble"])
     momentum: float = 0.9
     weight_decay: float = 5e-4
     warmup_epochs: int = 1
@@ -308,8 +310,8 @@ def _evaluate_classes(cfg, model, splits, world):
     each rank scores its part of the test set and the predictions are gathered (exact)."""
     feats, labels = E.split_features(model.clip, splits.test, cfg.eval_batch_size, cfg.device, cfg.workers,
                                      cfg.skip_bad_images, world)
-    weights = E.zero_shot_weights(model.clip, splits.classnames, templates_for(splits.name), cfg.device,
-                                  fast_path=not cfg.reference_path)
+    templates = templates_for(splits.name, cfg.templates == "ensemble")
+    weights = E.zero_shot_weights(model.clip, splits.classnames, templates, cfg.device, fast_path=not cfg.reference_path)
     learned, zero_shot, labels = (dist.all_gather_cat(x) for x in (
         E.predict_prompted(model, feats), E.predict_zero_shot(feats, weights), labels))
     return (E.compute_metrics(learned.cpu(), labels.cpu(), splits.classnames),
@@ -444,7 +446,8 @@ def _save_and_test(cfg, clip, clip_sha, learner, few, train_split, dataset_name,
     learned, zero_shot = _evaluate_classes(cfg, model, train_split, world)
     results = {**learned, "dataset": dataset_name, "method": cfg.method, "shots": cfg.shots, "seed": cfg.seed,
                "subsample": cfg.subsample, "zero_shot": zero_shot}
-    rows = [(f"{E.zero_shot_name()} ({cfg.subsample})", zero_shot), (f"{cfg.method} ({cfg.subsample})", learned)]
+    baseline = E.zero_shot_name(cfg.templates)
+    rows = [(f"{baseline} ({cfg.subsample})", zero_shot), (f"{cfg.method} ({cfg.subsample})", learned)]
     if cfg.subsample == "base" and not cfg.csc:
         new_split = D.subsample_classes(few, "new")
         new_model = _model(cfg, clip, load_prompt(prompt_path, clip, new_split.classnames, clip_sha).learner)
@@ -453,7 +456,7 @@ def _save_and_test(cfg, clip, clip_sha, learner, few, train_split, dataset_name,
                        harmonic_mean=E.harmonic_mean(learned["accuracy"], new["accuracy"]),
                        new_metrics=new, zero_shot_new=new_zero_shot,
                        zero_shot_harmonic_mean=E.harmonic_mean(zero_shot["accuracy"], new_zero_shot["accuracy"]))
-        rows += [(f"{E.zero_shot_name()} (new)", new_zero_shot), (f"{cfg.method} (new)", new)]
+        rows += [(f"{baseline} (new)", new_zero_shot), (f"{cfg.method} (new)", new)]
     if world.main:
         write_json(os.path.join(folder, "results.json"), results)
     log.print(E.format_table(rows, f"test accuracy, {dataset_name}, {cfg.shots} shots, seed {cfg.seed}"))

@@ -273,3 +273,14 @@ def test_the_default_run_folder_is_the_sweeps_layout_and_tells_runs_apart():
     assert folder(epochs=200, batch_size=32) == folder()          # the paper's values name no tag
     assert len({folder(), folder(weights="RN50"), folder(epochs=10), folder(lr=0.01), folder(precision="bf16"),
                 folder(batch_size=8), folder(seed=2), folder(method="cocoop")}) == 8
+
+
+def test_templates_ensemble_gives_the_zero_shot_row_evaluate_gives(setup, tmp_path):
+    out = tmp_path / "run"
+    r = _train(setup, out, "--epochs", "1", "--templates", "ensemble")
+    assert r.returncode == 0, r.stderr
+    assert "zero-shot CLIP (ensemble) (all)" in (out / "log.txt").read_text()
+    zero_shot = json.loads((out / "results.json").read_text())["zero_shot"]["accuracy"]
+    r = subprocess.run(_cmd("coop_min.evaluate", setup, "--zero-shot", "--templates", "ensemble"),
+                       env=ENV, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and f"{zero_shot:.2f}" in r.stdout, r.stdout + r.stderr
