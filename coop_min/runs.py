@@ -122,9 +122,15 @@ class RunLog:
             with open(path, "r+") as f:
                 f.truncate(metrics_bytes)
         self.metrics = open(path, "a")
+        self.stdout = True                   # False once a closed pipe (`| head`) stops reading it
 
     def print(self, line):
-        print(line, flush=True)
+        if self.stdout:
+            try:
+                print(line, flush=True)
+            except BrokenPipeError:          # the run goes on; log.txt keeps every line
+                self.stdout = False
+                os.dup2(os.open(os.devnull, os.O_WRONLY), 1)   # so Python's exit flush does not fail again
         self.log.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}\n")
         self.log.flush()
 

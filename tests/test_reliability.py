@@ -455,3 +455,15 @@ def test_progress_means_rate_and_eta_on_a_fake_clock():
     progress.add(0.5 * 8, 8, 8)
     assert progress.line() == "loss 0.5000 acc 100.0% 0.1 img/s eta 2.5 min"   # 7 left at the run's 64/3 s
     assert progress.epoch_means() == {"mean_loss": round(3.5 * 8 / 24, 6), "mean_acc": round(100 * 20 / 24, 4)}
+
+
+def test_a_closed_stdout_pipe_does_not_stop_the_run(setup, tmp_path):
+    """`python -m coop_min.train ... | head -1`: the reader goes away, the run finishes and log.txt has it all."""
+    run = tmp_path / "run"
+    proc = subprocess.Popen(cli("coop_min.train", setup, "--shots", "1", "--epochs", "2", "--batch-size", "4",
+                                "--print-every", "1", "--output", str(run)),
+                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdout.readline()
+    proc.stdout.close()                                  # as head does after its line
+    assert proc.wait(timeout=300) == 0, proc.stderr.read()
+    assert (run / "results.json").is_file() and "results: " in (run / "log.txt").read_text()
