@@ -1,7 +1,7 @@
 """The text encoder's causal attention, forward + backward: kernels/attention.py against SDPA.
 
-    python3 benchmarks/attention.py            # CUDA, bf16, the train steps' shapes
-    python3 benchmarks/attention.py --smoke    # tiny shapes on whatever device there is (the dry run)
+    python3 -m benchmarks.attention            # CUDA, bf16, the train steps' shapes (from the checkout)
+    python3 -m benchmarks.attention --smoke    # tiny shapes on whatever device there is (the dry run)
 
 Each row is checked before it is timed: output and gradients of both against the fp32 twin on the
 same inputs (relative L2 error; bf16 lands near 1e-3 to 1e-2). The floor is the bytes the
@@ -10,12 +10,14 @@ v, do read and dq, dk, dv written backward (11 tensors of N x H x L x Dh; prefix
 """
 import argparse
 import math
+import statistics
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
 
+from benchmarks.checks import rel_diff
+from benchmarks.timing import copy_gbps, time_steps
 from coop_min.kernels.attention import causal_attention, causal_attention_reference
 
 H, DH = 8, 64                    # ViT-B/16's text transformer: width 512, 8 heads
@@ -57,46 +59,19 @@ def _grads(fn, tensors, grad):
     return [out, *torch.autograd.grad(out, leaves, grad)]
 
 
-def _rel(a, b):
-    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
-
-
-def _time_ms(fn, device, repeats):
-    """Median ms of fn() over `repeats` calls after 3 warm-ups, with (min, max)."""
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if device == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    times.sort()
-    return times[len(times) // 2], times[0], times[-1]
-
-
-def _copy_gbps(device):
-    if device != "cuda":
-        return None
-    x = torch.empty(1 << 30, dtype=torch.uint8, device=device)
-    ms = _time_ms(lambda: x.clone(), device, 10)[0]
-    return 2 * x.numel() / ms / 1e6
+def _time(fn, device, repeats):
+    """(median, fastest, slowest) ms of fn() after 3 warm-ups."""
+    times = time_steps(fn, device, 3, repeats)
+    return statistics.median(times), min(times), max(times)
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--smoke", action="store_true", help="tiny shapes (the dry run of .ci/gpu)")
     args = p.parse_args(argv)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    gbps = _copy_gbps(device)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    gbps = copy_gbps(device) if device.type == "cuda" else None
     print(f"{device}, {dtype}, H={H}, Dh={DH}" + (f", copy {gbps:.0f} GB/s" if gbps else ""))
     print(f"{'shape':<24}{'err kernel':>11}{'err sdpa':>10}{'kernel ms (min-max)':>26}{'sdpa ms (min-max)':>26}"
           f"{'speedup':>9}{'floor ms':>10}")
@@ -109,12 +84,12 @@ def main(argv=None):
         exact = [t.detach().float().requires_grad_() if t is not None and t.is_floating_point() else t
                  for t in tensors]
         ref = _grads(causal_attention_reference, exact, grad.float())
-        err_k = max(_rel(a, b) for a, b in zip(_grads(_kernel, tensors, grad), ref))
-        err_s = max(_rel(a, b) for a, b in zip(_grads(_sdpa, tensors, grad), ref))
+        err_k = max(rel_diff(a, b) for a, b in zip(_grads(_kernel, tensors, grad), ref))
+        err_s = max(rel_diff(a, b) for a, b in zip(_grads(_sdpa, tensors, grad), ref))
         ok = math.isfinite(err_k) and err_k < (2e-2 if dtype != torch.float32 else 1e-4)
         failed |= not ok
-        k_ms = _time_ms(lambda: _grads(_kernel, tensors, grad), device, 5 if args.smoke else 50)
-        s_ms = _time_ms(lambda: _grads(_sdpa, tensors, grad), device, 5 if args.smoke else 50)
+        k_ms = _time(lambda: _grads(_kernel, tensors, grad), device, 5 if args.smoke else 50)
+        s_ms = _time(lambda: _grads(_sdpa, tensors, grad), device, 5 if args.smoke else 50)
         floor = 11 * n * H * L * DH * q.element_size() / (gbps * 1e6) if gbps else float("nan")
         spread = lambda t: f"{t[0]:.3f} ({t[1]:.3f}-{t[2]:.3f})"  # noqa: E731
         print(f"{name:<24}{err_k:>11.1e}{err_s:>10.1e}{spread(k_ms):>26}{spread(s_ms):>26}"
