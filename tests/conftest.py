@@ -2,6 +2,7 @@
 import importlib.util
 import json
 import os
+import subprocess
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -48,3 +49,15 @@ def metrics_lines(path):
     """metrics.jsonl as dicts, without the wall-clock fields (epoch_time_s) that differ between runs."""
     lines = [json.loads(line) for line in path.read_text().splitlines()]
     return [{k: v for k, v in m.items() if k != "epoch_time_s"} for m in lines]
+
+
+def assert_passes_under_interpreter(test_file):
+    """Runs test_file's tests once more in a subprocess with TRITON_INTERPRET=1, where the Triton
+    kernels run in Triton's interpreter on the CPU (from tests/, so the checkout's root stays off
+    sys.path), and asserts that they passed."""
+    pytest.importorskip("triton")
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not cuda", str(test_file)]
+    run = subprocess.run(cmd, env={**os.environ, "TRITON_INTERPRET": "1"}, cwd=Path(test_file).parent,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
+    assert " passed" in run.stdout and " failed" not in run.stdout

@@ -11,15 +11,13 @@ without_spills records the wrappers' launches at the train steps' shapes and com
 sm_90 cubin with Triton's bundled ptxas, on CPU (tests/hopper.py).
 """
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import coop_min.kernels.attention as at
+from conftest import assert_passes_under_interpreter
 from hopper import Recorder, compile_for, specialise, spills
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -31,14 +29,7 @@ _TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 
 @pytest.mark.skipif(INTERPRETED, reason="this is the subprocess")
 def test_kernels_under_triton_interpreter():
-    pytest.importorskip("triton")
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not cuda",
-           __file__]
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    run = subprocess.run(cmd, env=env, cwd=Path(__file__).parent, capture_output=True,
-                         text=True, timeout=300)
-    assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
-    assert " passed" in run.stdout and " failed" not in run.stdout
+    assert_passes_under_interpreter(__file__)
 
 
 def _tensors(*shapes, dtype, device="cpu", seed=0):

@@ -12,15 +12,13 @@ exist there), so test_every_launch_compiles_to_a_hopper_cubin_without_spills rec
 launch the wrappers issue and compiles each to an sm_90 cubin with Triton's bundled ptxas, on CPU.
 """
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import coop_min.kernels.cosine_ce as cc
+from conftest import assert_passes_under_interpreter
 from hopper import Recorder as _Recorder, compile_for as _compile_for, specialise, spills
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -29,14 +27,7 @@ interpreted = pytest.mark.skipif(not INTERPRETED, reason="runs in the TRITON_INT
 
 @pytest.mark.skipif(INTERPRETED, reason="this is the subprocess")
 def test_kernels_under_triton_interpreter():
-    pytest.importorskip("triton")
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not cuda",
-           __file__]
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    run = subprocess.run(cmd, env=env, cwd=Path(__file__).parent, capture_output=True,
-                         text=True, timeout=300)
-    assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
-    assert " passed" in run.stdout and " failed" not in run.stdout
+    assert_passes_under_interpreter(__file__)
 
 
 def _official_logits(f, t, scale):

@@ -8,15 +8,13 @@ and round once, so they must be within a rounding or two of those. The PyTorch t
 round after every op in 16 bits and get twice that bound, which they need: it is not loose.
 """
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import coop_min.kernels.elementwise as ew
+from conftest import assert_passes_under_interpreter
 from hopper import Recorder, compile_for, spills
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -29,12 +27,7 @@ _TOL = {torch.float32: 2e-6, torch.bfloat16: 2 * 2 ** -8, torch.float16: 2 * 2 *
 
 @pytest.mark.skipif(INTERPRETED, reason="this is the subprocess")
 def test_kernels_under_triton_interpreter():
-    pytest.importorskip("triton")
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not cuda", __file__]
-    run = subprocess.run(cmd, env={**os.environ, "TRITON_INTERPRET": "1"}, cwd=Path(__file__).parent,
-                         capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
-    assert " passed" in run.stdout and " failed" not in run.stdout
+    assert_passes_under_interpreter(__file__)
 
 
 def _inputs(shape, dtype, seed=0):
