@@ -144,17 +144,18 @@ def learning_rate(epoch, cfg):
 
 def resolve(cfg: TrainConfig, dataset_name: str) -> TrainConfig:
     """Fill every unset field with the paper default for this method, shot count and dataset."""
-    cocoop = cfg.method == "cocoop"
-    given = {"epochs": cfg.epochs, "batch_size": cfg.batch_size, "precision": cfg.precision}
+    paper = {"epochs": paper_epochs(cfg.method, cfg.shots, dataset_name),
+             "batch_size": 1 if cfg.method == "cocoop" else 32, "lr": TrainConfig.lr}
+    tags = _changed(cfg, paper)              # taken before the defaults fill the unset fields
     prompt = _prompt_config(cfg)             # the context's paper defaults live in prompts.PromptConfig
     cfg.n_ctx = prompt.n_ctx
     cfg.csc = prompt.csc
     if cfg.ctx_init is None:
         cfg.ctx_init = prompt.ctx_init
     if cfg.epochs is None:
-        cfg.epochs = paper_epochs(cfg.method, cfg.shots, dataset_name)
+        cfg.epochs = paper["epochs"]
     if cfg.batch_size is None:
-        cfg.batch_size = 1 if cocoop else 32
+        cfg.batch_size = paper["batch_size"]
     if cfg.device is None:
         cfg.device = runs.default_device()
     if cfg.precision is None:
@@ -162,20 +163,19 @@ def resolve(cfg: TrainConfig, dataset_name: str) -> TrainConfig:
     if cfg.workers is None:
         cfg.workers = min(8, os.cpu_count() or 1) if cfg.device.startswith("cuda") else 0
     if cfg.output is None:
-        cfg.output = runs.run_folder(cfg, D.dataset_key(dataset_name), _changed(cfg, given, dataset_name))
+        cfg.output = runs.run_folder(cfg, D.dataset_key(dataset_name), tags)
     return cfg
 
 
-def _changed(cfg, given, dataset_name):
-    """Folder tags of the settings given that change the numbers and differ from the paper's."""
+def _changed(cfg, paper):
+    """Folder tags of the settings given that change the numbers and differ from the paper's (and of
+    a precision given: its default depends on the machine)."""
     tags = []
-    if given["epochs"] is not None and cfg.epochs != paper_epochs(cfg.method, cfg.shots, dataset_name):
-        tags.append(f"ep{cfg.epochs}")
-    if given["batch_size"] is not None and cfg.batch_size != (1 if cfg.method == "cocoop" else 32):
-        tags.append(f"bs{cfg.batch_size}")
-    if cfg.lr != TrainConfig.lr:
-        tags.append(f"lr{cfg.lr:g}")
-    if given["precision"] is not None:
+    for name, tag in (("epochs", "ep"), ("batch_size", "bs"), ("lr", "lr")):
+        value = getattr(cfg, name)
+        if value is not None and value != paper[name]:
+            tags.append(f"{tag}{value:g}")
+    if cfg.precision is not None:
         tags.append(cfg.precision)
     return tags
 
