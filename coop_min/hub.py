@@ -49,6 +49,7 @@ import urllib.request
 
 import torch
 
+from coop_min.cli import one_line
 from coop_min.clip import load_clip
 from coop_min.files import atomic_write
 from coop_min.transforms import image_transform
@@ -162,7 +163,7 @@ def _convert(src, dst, gelu):
     try:
         convert(src, dst, gelu=gelu)
     except Exception as e:   # the converter's errors are many; each is this download's, said in one line
-        reason = " ".join(str(e).split()) or type(e).__name__
+        reason = one_line(e)
         raise ValueError(f"cannot convert {src} ({reason}); kept it, so the next run converts it without "
                          "downloading (delete it to download again), or run: "
                          + _convert_command(src, dst, flag)) from e
@@ -182,7 +183,7 @@ def _fetch_name(name, folder, safe, dst):
     try:
         return _fetch_mirror(name, folder, safe)
     except ValueError as e:
-        mirror_error = " ".join(str(e).split())
+        mirror_error = one_line(e)
     print(f"{name}: {mirror_error}; trying OpenAI's URL", file=sys.stderr)
     try:
         return _download(_openai_url(name), _openai_path(name, folder), _MODELS[name].rsplit("/", 2)[1])
@@ -285,7 +286,7 @@ def _download(url, path, sha256=None):
         raise error(f"{url} answered HTTP {e.code} {e.reason}") from None
     except (OSError, http.client.HTTPException) as e:   # URLError (DNS, refused), a timeout, a closed socket
         reason = getattr(e, "reason", None) or e
-        raise ValueError(f"cannot reach {url} ({' '.join(str(reason).split())})") from None
+        raise ValueError(f"cannot reach {url} ({one_line(reason)})") from None
     linked_sha256 = _linked_sha256(response.headers) or linked.sha256   # a server that did not redirect
     expected = [(sha256, "recorded for it in coop_min/hub.py"),
                 (linked_sha256, "the server sent with it (X-Linked-Etag)")]
@@ -319,7 +320,7 @@ def _copy(response, f, url, label):
     except (OSError, http.client.HTTPException) as e:
         if tty:
             print(file=sys.stderr)
-        reason = " ".join(str(e).split()) or type(e).__name__
+        reason = one_line(e)
         raise ValueError(f"download of {url} broke off at {_sizes(done, total)} ({reason}); "
                          "nothing was kept: run again to retry") from None
     lead = "\r" if tty else ""

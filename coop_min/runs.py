@@ -360,7 +360,7 @@ def _optimizer_state_fault(optimizer, saved):
     try:
         trial.load_state_dict(saved)
     except Exception as e:  # torch raises several types for a malformed optimizer state
-        return f"its optimizer state does not fit ({' '.join(str(e).split())[:200]})"
+        return f"its optimizer state does not fit ({cli.one_line(e)[:200]})"
     for group in trial.param_groups:
         settings = [group.get(k) for k in ("lr", "momentum", "weight_decay", "dampening")]
         if not all(isinstance(v, (int, float)) and abs(v) < float("inf") for v in settings):   # NaN fails too
