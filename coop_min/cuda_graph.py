@@ -8,9 +8,9 @@ the step costs about what the GPU computes.
 What capture needs, and how the fast path gives it:
 - static shapes: a fixed batch (training batches drop the last partial one) and class list; inputs
   are copied into static buffers, and a batch of another shape runs eagerly instead;
-- no host reads of device values inside the step: EOT lengths are known on the host
-  (the learner's `eot_list`, used by fast.py), the head skips its label check while capturing (checked on the host
-  instead), the loss share of a data-parallel part is an input tensor;
+- no host reads of device values inside the step: EOT lengths are known on the host (the
+  learner's `eot_list`, used by fast.py), the head skips its label check while capturing (checked
+  on the host instead), the loss share of a data-parallel part is an input tensor;
 - the learning rate on the device: torch.optim.SGD's update holds the lr as a constant, so a
   captured step would have to be captured again whenever Dassl's schedule changes it (every epoch).
   `SGD` below reads it from a device tensor instead, which the step fills before each replay, so
@@ -32,7 +32,8 @@ class SGD(torch.optim.Optimizer):
     Equal to torch.optim.SGD up to fp32 rounding (p - lr * buf where torch fuses p + (-lr) * buf)."""
 
     def __init__(self, params, lr, momentum=0.0, weight_decay=0.0):
-        super().__init__(params, {"lr": lr, "momentum": momentum, "weight_decay": weight_decay, "dampening": 0.0})
+        defaults = {"lr": lr, "momentum": momentum, "weight_decay": weight_decay, "dampening": 0.0}
+        super().__init__(params, defaults)
         device = self.param_groups[0]["params"][0].device
         self.lr_tensor = torch.full((len(self.param_groups),), float(lr), device=device)   # fp32
 
@@ -71,10 +72,16 @@ class TrainStep:
     With a CUDA graph the returned tensors are static: read them before the next call."""
 
     def __init__(self, forward, optimizer, cuda_graph=False, after_backward=None, warmup=2):
-        self.forward, self.optimizer, self.after_backward = forward, optimizer, after_backward
-        self.cuda_graph, self.warmup = cuda_graph, max(warmup, 1)
+        self.forward = forward
+        self.optimizer = optimizer
+        self.after_backward = after_backward
+        self.cuda_graph = cuda_graph
+        self.warmup = max(warmup, 1)
         self.device_lr = isinstance(optimizer, SGD)
-        self.graph = self.static_inputs = self.static_outputs = self.lrs = None
+        self.graph = None
+        self.static_inputs = None
+        self.static_outputs = None
+        self.lrs = None
 
     def _eager(self, inputs):
         if self.device_lr:
@@ -124,5 +131,6 @@ class TrainStep:
             if self.after_backward is not None:
                 self.after_backward()
             self.optimizer.step()
-        self.graph, self.lrs = graph, lrs
+        self.graph = graph
+        self.lrs = lrs
         self.static_outputs = tuple(x.detach() for x in outputs)

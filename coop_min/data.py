@@ -15,7 +15,8 @@ official NAME (or its folder name), "imagefolder", or the <Name> of a folder's s
     ImageNetSketch images/<wnid>/; ImageNetA imagenet-a/<wnid>/; ImageNetR imagenet-r/<wnid>/: label =
                    index in the sorted folders, so A and R are 200-way. classnames.txt is read from the
                    dataset folder (DATASETS.md asks for a copy there), else from ../imagenet/.
-    imagefolder    <class>/<image>: a seeded per-class 50/20/30 split (DTD's builder, see _split_folder).
+    imagefolder    <class>/<image>: a seeded per-class 50/20/30 split (DTD's builder, see _split_folder),
+                   named after its folder (.../flowers_of_my_garden -> "flowers_of_my_garden").
 
 Test-only sets (ImageNetV2/Sketch/A/R) have only `test`. For the ImageNet family, `imagenet_labels`
 maps each class to its ImageNet-1k label, so CSC prompts or 1000-way logits learned on ImageNet can
@@ -156,8 +157,8 @@ def load_dataset(root, name="auto", split_seed=1) -> DatasetSplits:
     name = detect_dataset(root) if name == "auto" else _canonical_name(name, root)
     folder = _FOLDERS.get(name)
     d = os.path.join(root, folder) if folder and os.path.isdir(os.path.join(root, folder)) else root
-    if name == "imagefolder":
-        return _split_folder(d, "imagefolder", split_seed)
+    if name == "imagefolder":                # a dataset of one's own is named after its folder
+        return _split_folder(d, os.path.basename(os.path.normpath(d)), split_seed)
     if name == "FGVCAircraft":
         return _read_fgvc_aircraft(d)
     if name == "ImageNet":

@@ -1,20 +1,22 @@
 """`python -m coop_min.demo_table`: the papers' tables in miniature, on the demo benchmark and tiny CLIP.
 
-Three sweeps (coop_min.sweep) with the paper defaults and seeds 1, 2, 3, then coop_min.summarize:
+Four sweeps (coop_min.sweep) with the paper defaults and seeds 1, 2, 3, then coop_min.summarize:
 - base-to-new (CoCoOp's Table 1): zero-shot CLIP, CoOp ("a photo of a" init, M=4, as the CoCoOp
   paper's CoOp) and CoCoOp, trained on the base half, tested on base and new; H of the mean base and
   mean new;
-- the few-shot curve (CoOp's Figure 3): CoOp (M=16, random init) at 1/2/4/8/16 shots vs zero-shot.
+- the few-shot curve (CoOp's Figure 3): CoOp (M=16, random init) and linear-probe CLIP at 1/2/4/8/16
+  shots vs zero-shot.
 The runs go to OUTPUT/runs in the sweep's layout, so Ctrl-C stops it (one line) and a rerun continues
 where it stopped, reusing the finished runs. Writes into --output `table.md` (the README's table),
-`results.json` and `shots.png`, and summarize's summary.md, CSV files and plots.
+`results.json` and `shots.png` / `shots.svg` (the README's figure), and summarize's summary.md, CSV
+files and plots.
 """
 import os
 import subprocess
 import sys
 from pathlib import Path
 
-from coop_min import cli, summarize
+from coop_min import cli, plots, summarize
 from coop_min.evaluate import harmonic_mean
 from coop_min.files import atomic_write, write_json
 
@@ -26,16 +28,23 @@ def tables(rows, weights):
     """(base-to-new {method: {base, new, H}}, few-shot curve {method: [(mean, std) per shot]}) of the
     demo's runs with these weights, from summarize's tables."""
     b2n, curve = {}, {}
-    base2new = {s: r["Demo"] for s, r in rows["base2new"].items() if s[-1] == weights and "Demo" in r}
+    ours = _with_weights(rows["base2new"], weights)
+    base2new = {s: ours[s]["Demo"] for s in ours if "Demo" in ours[s]}
     for s, name in summarize.labels(base2new).items():
         b, n = (summarize.stat(base2new[s][h])[0] for h in ("base", "new"))
         b2n[name] = {"base": b, "new": n, "H": harmonic_mean(b, n)}     # H of the means, as the paper
-    for s, name in summarize.labels({s for s in rows["few_shot"] if s[-1] == weights}).items():
-        demo = rows["few_shot"][s].get("Demo", {})
-        zero_shot = summarize.stat(demo.get(0))
-        curve["zero-shot CLIP"] = [zero_shot[:2]] * len(SHOTS)
+    few_shot = _with_weights(rows["few_shot"], weights)
+    for s, name in summarize.labels(few_shot).items():
+        demo = few_shot[s].get("Demo", {})
+        if zero_shot := summarize.stat(demo.get(0)):
+            curve["zero-shot CLIP"] = [zero_shot[:2]] * len(SHOTS)
         curve[name] = [summarize.stat(demo.get(k))[:2] for k in SHOTS]
-    return b2n, curve
+    order = ["zero-shot CLIP", *(name for name in curve if name != "zero-shot CLIP")]
+    return b2n, {name: curve[name] for name in order if name in curve}
+
+
+def _with_weights(table, weights):
+    return {s: row for s, row in table.items() if s[summarize.SETTING.index("weights")] == weights}
 
 
 def markdown(b2n, curve, seeds):
@@ -62,7 +71,8 @@ def _main(argv):
     runs = os.path.join(args.output, "runs")
     common = ["--output", runs, "--seeds", ",".join(map(str, args.seeds))]
     common += ["--weights", args.weights] if args.weights else []
-    for protocol, method in (("base2new", "coop"), ("base2new", "cocoop"), ("few-shot", "coop")):
+    sweeps = (("base2new", "coop"), ("base2new", "cocoop"), ("few-shot", "coop"), ("few-shot", "linear-probe"))
+    for protocol, method in sweeps:
         command = [sys.executable, "-m", "coop_min.sweep", "--protocol", protocol, "--method", method, *common]
         if subprocess.run(command).returncode:               # the sweep said why, in one line
             return 1
@@ -70,9 +80,12 @@ def _main(argv):
     b2n, curve = tables(rows, args.weights)
     write_json(os.path.join(args.output, "results.json"),
                {"base_to_new": b2n, "shots": {k: [list(v) for v in s] for k, s in curve.items()}})
-    series = {name: dict(zip(SHOTS, points)) for name, points in curve.items() if name != "zero-shot CLIP"}
-    summarize.plot_shots(series, {"zero-shot CLIP": curve["zero-shot CLIP"][0][0]}, "demo benchmark, all 36 classes",
-                         os.path.join(args.output, "shots.png"))
+    curves = [plots.Curve(name, {k: (m, sd, True) for k, (m, sd) in zip(SHOTS, points)},
+                          dashed=name.startswith("linear-probe"))
+              for name, points in curve.items() if name != "zero-shot CLIP"]
+    zero_shot = [("zero-shot CLIP", curve["zero-shot CLIP"][0][0])]
+    plots.few_shot_figure([plots.Panel("demo benchmark, all 36 classes", curves, zero_shot)],
+                          os.path.join(args.output, "shots"), columns=1)
     text = markdown(b2n, curve, args.seeds)
     atomic_write(os.path.join(args.output, "table.md"), lambda tmp: Path(tmp).write_text(text))
     print(text)

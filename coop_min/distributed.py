@@ -23,6 +23,7 @@ Without torchrun every function here is the identity (world 1), so callers need 
 import os
 import sys
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.distributed as dist
@@ -48,8 +49,8 @@ def check_device(device):
     if d.type not in ("cpu", "cuda"):
         raise ValueError(f"--device {device}: only cpu and cuda are supported")
     if d.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {device} but torch sees no CUDA GPU (a CPU build of torch, or no driver); "
-                         "use --device cpu")
+        raise ValueError(f"--device {device} but torch sees no CUDA GPU (a CPU build of torch, or no "
+                         "driver); use --device cpu")
     if d.type == "cuda" and (d.index or 0) >= torch.cuda.device_count():
         raise ValueError(f"--device {device} but this machine has {torch.cuda.device_count()} GPU(s)")
 
@@ -61,11 +62,12 @@ def setup(device):
     size = int(os.environ.get("WORLD_SIZE", "1"))
     if size == 1:
         return World(), device
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    rank = int(os.environ["RANK"])
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device.startswith("cuda"):
         if torch.cuda.device_count() <= local_rank:
-            raise ValueError(f"local rank {local_rank} has no GPU (this node has {torch.cuda.device_count()}); "
-                             "lower --nproc_per_node or pass --device cpu")
+            raise ValueError(f"local rank {local_rank} has no GPU (this node has "
+                             f"{torch.cuda.device_count()}); lower --nproc_per_node or pass --device cpu")
         device = f"cuda:{local_rank}"
         torch.cuda.set_device(device)
     if not dist.is_initialized():
@@ -115,8 +117,7 @@ def class_shard(n_cls, world: World):
     """FastConfig.class_shard for data-parallel CoOp: (this rank's classes, a range; a gather that
     gives every rank all (C, D) features with gradients flowing back to the owners)."""
     lo, hi = split(n_cls, world)
-    sizes = part_sizes(n_cls, world)
-    return range(lo, hi), lambda t: gather_cat(t, sizes)
+    return range(lo, hi), partial(gather_cat, sizes=part_sizes(n_cls, world))
 
 
 def _gather(x, sizes=None):

@@ -15,9 +15,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from coop_min import data as D
-from coop_min import distributed as dist
-from coop_min import cli, fast, runs
+from coop_min import cli, data, distributed, fast, inputs, options, runs
 from coop_min.clip import convert_dtype
 from coop_min.files import write_json
 from coop_min.prompts import PromptedCLIP, load_prompt, nearest_words
@@ -30,18 +28,21 @@ from coop_min.templates import templates_for
 
 def compute_metrics(pred, labels, classnames):
     """Accuracy, macro-F1 (over the classes present in `labels`) and per-class accuracy, in percent."""
-    pred, labels = torch.as_tensor(pred).long(), torch.as_tensor(labels).long()
-    present = torch.unique(labels).tolist()
-    f1s, per_class = [], {}
-    for c in present:
+    pred = torch.as_tensor(pred).long()
+    labels = torch.as_tensor(labels).long()
+    f1s = []
+    per_class = {}
+    for c in torch.unique(labels).tolist():
         tp = int(((pred == c) & (labels == c)).sum())
-        n_true, n_pred = int((labels == c).sum()), int((pred == c).sum())
+        n_true = int((labels == c).sum())
+        n_pred = int((pred == c).sum())
         precision = tp / n_pred if n_pred else 0.0
         recall = tp / n_true
         f1s.append(2 * precision * recall / (precision + recall) if tp else 0.0)
         per_class[classnames[c]] = 100.0 * recall
-    return {"accuracy": 100.0 * float((pred == labels).float().mean()), "macro_f1": 100.0 * sum(f1s) / len(f1s),
-            "per_class_accuracy": per_class, "total": len(labels), "correct": int((pred == labels).sum())}
+    accuracy = 100.0 * float((pred == labels).float().mean())
+    return {"accuracy": accuracy, "macro_f1": 100.0 * sum(f1s) / len(f1s), "per_class_accuracy": per_class,
+            "total": len(labels), "correct": int((pred == labels).sum())}
 
 
 def zero_shot_name(templates="single"):
@@ -63,7 +64,8 @@ def extract_features(clip, loader, device, say=None, every=20):
     progress line every `every` batches when there are more than `every`."""
     feats = [torch.empty(0, clip.config.embed_dim, device=device)]
     labels = [torch.empty(0, dtype=torch.long)]
-    t0, seen = time.monotonic(), 0
+    t0 = time.monotonic()
+    seen = 0
     for i, (images, y) in enumerate(loader, start=1):
         if len(y):                           # a data-parallel part of a batch may be empty
             images = images.to(device, non_blocking=True)
@@ -77,13 +79,14 @@ def extract_features(clip, loader, device, say=None, every=20):
     return torch.cat(feats), torch.cat(labels).to(device)
 
 
-def split_features(clip, items, batch_size, device, workers=0, skip_bad=False, world=dist.World(), say=None):
+def split_features(clip, items, batch_size, device, workers=0, skip_bad=False, world=distributed.World(),
+                   say=None):
     """Image features and labels of this process's part of `items` (all of them in one process)."""
     from coop_min.transforms import image_transform
 
-    dataset = D.ImageDataset(items, image_transform(clip.visual.input_resolution), skip_bad=skip_bad)
-    loader = D.make_loader(dataset, batch_size, shuffle=False, drop_last=False, num_workers=workers,
-                           pin_memory=device.startswith("cuda"), rank=world.rank, world_size=world.size)
+    dataset = data.ImageDataset(items, image_transform(clip.visual.input_resolution), skip_bad=skip_bad)
+    loader = data.make_loader(dataset, batch_size, shuffle=False, drop_last=False, num_workers=workers,
+                              pin_memory=device.startswith("cuda"), rank=world.rank, world_size=world.size)
     return extract_features(clip, loader, device, say)
 
 
@@ -115,7 +118,8 @@ def predict_prompted(model: PromptedCLIP, feats, chunk=256):
         return torch.empty(0, dtype=torch.long, device=feats.device)
     if not model.is_conditional:
         return model.logits_from_features(feats).argmax(-1)
-    return torch.cat([model.logits_from_features(feats[i:i + chunk]).argmax(-1) for i in range(0, len(feats), chunk)])
+    chunks = [feats[i:i + chunk] for i in range(0, len(feats), chunk)]
+    return torch.cat([model.logits_from_features(f).argmax(-1) for f in chunks])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -147,14 +151,15 @@ def _interpret(model, embedding, k, log):
     from coop_min.tokenizer import token_string
 
     ctx = model.learner.ctx.detach()
-    ids, dist = nearest_words(ctx, embedding, k)
-    ids, dist = ids.reshape(-1, ctx.shape[-2], k), dist.reshape(-1, ctx.shape[-2], k)
+    ids, distances = nearest_words(ctx, embedding, k)
+    ids = ids.reshape(-1, ctx.shape[-2], k)                  # (classes or 1, M, k)
+    distances = distances.reshape(-1, ctx.shape[-2], k)
     for c in range(ids.shape[0]):
         if ids.shape[0] > 1:
             log(f"class {model.learner.classnames[c]}:")
         for m in range(ids.shape[1]):
             words = [token_string(int(i)) for i in ids[c, m]]
-            log(f"{m + 1}: {words} {['%.4f' % float(d) for d in dist[c, m]]}")
+            log(f"{m + 1}: {words} {['%.4f' % float(d) for d in distances[c, m]]}")
 
 
 def _predict_image(path, clip, classnames, model, weights, device):
@@ -176,22 +181,25 @@ def main(argv=None):
     cli.exit_with(cli.run(_main, argv))
 
 
-def _main(argv):
+def _parser():
     p = cli.parser("python -m coop_min.evaluate", description=(
         "Evaluate zero-shot CLIP or learned prompts on a dataset's test split; interpret learned context; "
         "classify one image. With no --data: the bundled demo benchmark and tiny CLIP."))
     p.add_argument("--data", help="dataset folder (as for training); default: the demo benchmark")
     p.add_argument("--dataset", default="auto", help="dataset name or auto (default auto)")
-    p.add_argument("--weights", help="CLIP: a safetensors file, an OpenAI name (ViT-B/16, ...) or hf-hub:ORG/NAME "
-                                     "(default: the run's with --prompt RUN_DIR, else the bundled tiny demo CLIP)")
+    p.add_argument("--weights", help="CLIP: a safetensors file, an OpenAI name (ViT-B/16, ...) or "
+                   "hf-hub:ORG/NAME (default: the run's with --prompt RUN_DIR, else the bundled tiny demo "
+                   "CLIP)")
     what = p.add_mutually_exclusive_group()
     what.add_argument("--prompt", help="a training run folder or a prompt.safetensors")
-    what.add_argument("--zero-shot", action="store_true", help="hand-crafted prompts (the default without --prompt)")
+    what.add_argument("--zero-shot", action="store_true",
+                      help="hand-crafted prompts (the default without --prompt)")
     p.add_argument("--templates", choices=["single", "ensemble"], default="single",
                    help="zero-shot: the dataset's template, or the ImageNet ensemble (+ the dataset's)")
     p.add_argument("--subsample", choices=["all", "base", "new", "base2new"], default="all",
                    help="classes to test on; base2new reports base, new and their harmonic mean")
-    p.add_argument("--interpret", type=int, metavar="K", help="print the K nearest words of each context vector")
+    p.add_argument("--interpret", type=int, metavar="K",
+                   help="print the K nearest words of each context vector")
     p.add_argument("--image", help="classify one image file: top-5 classes with probabilities")
     p.add_argument("--output", help="folder for results.json (default: print only)")
     p.add_argument("--batch-size", type=int, default=100, help="images per forward pass (default 100)")
@@ -201,8 +209,13 @@ def _main(argv):
     p.add_argument("--workers", type=int, default=0, help="data loader worker processes (default 0)")
     p.add_argument("--skip-bad-images", action="store_true",
                    help="skip and count unreadable images instead of failing")
-    p.add_argument("--reference-path", action="store_true",
-                   help="compute with the method as written in prompts.py instead of the fast path (same numbers)")
+    p.add_argument("--reference-path", action="store_true", help="compute with the method as written in "
+                   "prompts.py instead of the fast path (same numbers)")
+    return p
+
+
+def _main(argv):
+    p = _parser()
     args = p.parse_args(argv)
     for name, least in (("batch_size", 1), ("workers", 0), ("interpret", 1)):
         if getattr(args, name) is not None and getattr(args, name) < least:
@@ -218,31 +231,30 @@ def _main(argv):
         if args.output:
             runs.check_writable(args.output)
         run(_from_run(args))
-        dist.end_rank()                      # torchrun: see there
+        distributed.end_rank()               # torchrun: see there
     finally:
-        dist.teardown()
+        distributed.teardown()
 
 
 def _from_run(args):
-    """--prompt RUN_DIR: the weights, data, dataset and precision the run used, unless given."""
+    """--prompt RUN_DIR: the settings the run's options declare evaluate takes from it (its weights,
+    data, dataset and precision), unless given."""
     if not (args.prompt and os.path.isfile(os.path.join(args.prompt, "config.json"))):
         return args
-    saved = runs.read_config(args.prompt)
-    for name in ("weights", "data", "precision"):
-        if getattr(args, name) is None and isinstance(saved.get(name), str):
-            setattr(args, name, saved[name])
-    if args.dataset == "auto" and args.data == saved.get("data") and isinstance(saved.get("dataset"), str):
-        args.dataset = saved["dataset"]
+    for name, value in options.from_run(runs.read_config(args.prompt), vars(args)).items():
+        setattr(args, name, value)
     return args
 
 
 def run(args):
-    """Interpret, classify one image, or score the test split, as the flags ask; returns the results."""
-    world, device = dist.setup(args.device or runs.default_device())
-    say = print if world.main else (lambda *a: None)
-    clip, clip_sha = runs.load_weights(args.weights, device)                  # fp32: the checkpoint's values
+    """Interpret, classify one image, or score the test split, as the flags ask; returns the results
+    (with the evaluation's `seconds`), written to --output."""
+    t0 = time.monotonic()
+    world, device = distributed.setup(args.device or inputs.default_device())
+    say = print if world.main else _quiet
+    clip, clip_sha = inputs.load_weights(args.weights, device)               # fp32: the checkpoint's values
     embedding = clip.token_embedding.weight.detach().clone() if args.interpret else None
-    convert_dtype(clip, runs.DTYPES[args.precision or runs.default_precision(device)])
+    convert_dtype(clip, inputs.DTYPES[args.precision or inputs.default_precision(device)])
     if not args.reference_path:
         clip = fast.fused_copy(clip)
     prompt = _prompt_file(args.prompt) if args.prompt else None
@@ -258,19 +270,30 @@ def run(args):
             return None
     if args.image:
         return _classify_image(args, clip, prompted if prompt else None, device, say)
-    return _score(args, clip, prompted if prompt else None, device, world, say)
+    results = _score(args, clip, prompted if prompt else None, device, world, say)
+    results["seconds"] = time.monotonic() - t0
+    if args.output and world.main:
+        os.makedirs(args.output, exist_ok=True)
+        write_json(os.path.join(args.output, "results.json"), results)
+    return results
+
+
+def _quiet(*args):
+    """What a process other than rank 0 prints: nothing."""
 
 
 def _classify_image(args, clip, prompted, device, say):
     if prompted is not None:
         model = prompted()
-        names, weights = model.learner.classnames, None
+        names = model.learner.classnames
+        weights = None
         by = f"{model.learner.config.method} prompts from {args.prompt}"
     else:
         splits = _load(args)
-        names, model = splits.classnames, None
-        weights = zero_shot_weights(clip, names, templates_for(splits.name, args.templates == "ensemble"), device,
-                                    not args.reference_path)
+        names = splits.classnames
+        model = None
+        templates = templates_for(splits.name, args.templates == "ensemble")
+        weights = zero_shot_weights(clip, names, templates, device, not args.reference_path)
         by = f"{zero_shot_name(args.templates)} (no --prompt given) on {splits.name}'s {len(names)} classes"
     say(f"{args.image}, top {min(5, len(names))} by {by}, CLIP {args.weights or 'the bundled demo CLIP'}:")
     for name, prob in _predict_image(args.image, clip, names, model, weights, device):
@@ -279,24 +302,28 @@ def _classify_image(args, clip, prompted, device, say):
 
 
 def _score(args, clip, prompted, device, world, say):
-    """Metrics on the test split (both halves for base2new), printed and written to --output."""
+    """Metrics on the test split (both halves for base2new), printed; returns them."""
     splits = _load(args)
     halves = ["base", "new"] if args.subsample == "base2new" else [args.subsample]
-    results, rows = {"dataset": splits.name}, []
+    results = {"dataset": splits.name}
+    rows = []
     for half in halves:
-        part = D.subsample_classes(splits, half)
-        feats, labels = split_features(clip, part.test, args.batch_size, device, args.workers, args.skip_bad_images,
-                                       world, say)
+        part = data.subsample_classes(splits, half)
+        feats, labels = split_features(clip, part.test, args.batch_size, device, args.workers,
+                                       args.skip_bad_images, world, say)
         if prompted is not None:
             model = prompted(part.classnames)
-            pred, name = predict_prompted(model, feats), f"{model.learner.config.method} ({half})"
+            pred = predict_prompted(model, feats)
+            name = f"{model.learner.config.method} ({half})"
         else:
-            w = zero_shot_weights(clip, part.classnames, templates_for(splits.name, args.templates == "ensemble"), device,
-                                  not args.reference_path)
-            pred, name = predict_zero_shot(feats, w), f"{zero_shot_name(args.templates)} ({half})"
-        pred, labels = dist.all_gather_cat(pred), dist.all_gather_cat(labels)
-        m = compute_metrics(pred.cpu(), labels.cpu(), part.classnames)
-        results[half], rows = m, rows + [(name, m)]
+            templates = templates_for(splits.name, args.templates == "ensemble")
+            w = zero_shot_weights(clip, part.classnames, templates, device, not args.reference_path)
+            pred = predict_zero_shot(feats, w)
+            name = f"{zero_shot_name(args.templates)} ({half})"
+        pred = distributed.all_gather_cat(pred)
+        labels = distributed.all_gather_cat(labels)
+        results[half] = compute_metrics(pred.cpu(), labels.cpu(), part.classnames)
+        rows.append((name, results[half]))
     if len(halves) == 2:
         results["harmonic_mean"] = harmonic_mean(results["base"]["accuracy"], results["new"]["accuracy"])
     else:
@@ -304,14 +331,11 @@ def _score(args, clip, prompted, device, world, say):
     say(format_table(rows, f"test accuracy, {splits.name}"))
     if "harmonic_mean" in results:
         say(f"harmonic mean {results['harmonic_mean']:.2f}")
-    if args.output and world.main:
-        os.makedirs(args.output, exist_ok=True)
-        write_json(os.path.join(args.output, "results.json"), results)
     return results
 
 
 def _load(args):
-    return D.load_dataset(runs.data_root(args.data), args.dataset)
+    return data.load_dataset(inputs.data_root(args.data), args.dataset)
 
 
 if __name__ == "__main__":

@@ -1,62 +1,24 @@
-"""The run folder: what train.py and evaluate.py share about files, devices and the demo.
+"""A training run's folder: where it goes, the checks before a run starts in it, its lock, and `Run`,
+the one object through which the training loop writes it.
 
-A run folder holds `config.json` (every setting, resolved), `log.txt` (the progress lines),
-`metrics.jsonl` (one JSON line per logged step), `state.pt` (everything needed to continue:
-parameters, optimizer, position, RNG, the metrics file's length) and `checkpoint.safetensors` (the
-learned parameters), then `prompt.safetensors` and `results.json`. Every file is written through
-`files.atomic_write`, so a kill never leaves a half-written one.
+A run folder holds `config.json` (every setting, resolved), `split.json` (the few-shot sets),
+`log.txt` and `metrics.jsonl` (coop_min/progress.py), `state.pt` and `checkpoint.safetensors`
+(coop_min/checkpoint.py), then `prompt.safetensors` (and CoOp's `classifier.safetensors`) and
+`results.json`. Every file is written through `files.atomic_write`, so a kill never leaves a
+half-written one, and by rank 0 alone under torchrun.
 """
 import dataclasses
 import fcntl
 import json
 import os
 import re
-import time
+from typing import NamedTuple
 
-import torch
-
-from coop_min import cli, hub, weights
-from coop_min.files import atomic_write, sha256_file, write_json
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-DEMO_WEIGHTS = os.path.join(os.path.dirname(os.path.abspath(weights.__file__)), "tiny_clip.safetensors")
-
-
-def default_device():
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def default_precision(device):
-    """The frozen CLIP's compute dtype: bf16 on CUDA (fp32 LayerNorm and logit scale), fp32 on CPU."""
-    return "bf16" if str(device).startswith("cuda") else "fp32"
-
-
-def data_root(data):
-    """--data, or the bundled demo benchmark (written into the cache on first use)."""
-    if data is not None:
-        return data
-    from coop_min.demo import materialize_demo
-    return materialize_demo(hub.cache_dir())
-
-
-def load_weights(path, device, precision="fp32"):
-    """(frozen CLIP in `precision` on `device`, the file's sha256) from --weights: a file, a model name
-    (`ViT-B/16`, `hf-hub:ORG/NAME`: downloaded once, coop_min/hub.py), or by default the demo's."""
-    from coop_min.clip import load_clip
-
-    path = DEMO_WEIGHTS if path is None else path
-    check_weights(path)
-    if not os.path.isfile(path):
-        path = hub.resolve(path)
-    return load_clip(path, device=device, dtype=DTYPES[precision]), sha256_file(path)
-
-
-def check_weights(path):
-    """Refuse, before anything else is checked, --weights that is neither a file nor a model name."""
-    if path is not None and not os.path.isfile(path) and not (path in hub.NAMES or path.startswith("hf-hub:")):
-        raise FileNotFoundError(f"CLIP weights not found: {path}; pass a file from python -m "
-                                f"coop_min.weights.convert, one of {', '.join(hub.NAMES)}, or hf-hub:ORG/NAME")
-
+from coop_min import checkpoint, cli, data, distributed, hub
+from coop_min.distributed import World
+from coop_min.files import write_json
+from coop_min.progress import QuietLog, RunLog, Tally
+from coop_min.prompts import export_classifier, save_prompt
 
 # ----------------------------------------------------------------------------------------------
 # where a run goes: the official scripts' layout
@@ -70,7 +32,8 @@ def _slug(text):
 
 
 def backbone(weights):
-    """The folder tag of --weights: ViT-B/16 -> vit_b16 (as the official config names), a file -> its stem."""
+    """The folder tag of --weights: ViT-B/16 -> vit_b16 (as the official configs name it), a file -> its
+    stem."""
     if weights is None:
         return "tiny_clip"
     if weights in hub.NAMES:
@@ -98,6 +61,12 @@ def run_folder(cfg, dataset_key, tags=(), root="runs"):
     return os.path.join(root, *half, dataset_key, f"shots_{cfg.shots}", cfg.method, name, f"seed{cfg.seed}")
 
 
+def probe_folder(root, dataset_key, weights, shots, seed):
+    """<root>/<dataset>/shots_<K>/linear-probe/<backbone>/seed<S>: a linear-probe run, beside the prompt
+    runs of the same dataset and shots."""
+    return os.path.join(root, dataset_key, f"shots_{shots}", "linear-probe", backbone(weights), f"seed{seed}")
+
+
 def check_writable(folder, flag="--output"):
     """Refuse, before any work, a folder that cannot be created or written (read-only filesystem)."""
     probe = os.path.abspath(folder)
@@ -105,101 +74,15 @@ def check_writable(folder, flag="--output"):
         probe = os.path.dirname(probe)
     if not os.path.isdir(probe) or not os.access(probe, os.W_OK | os.X_OK):
         raise cli.UsageError(f"{flag} {folder} cannot be written ({probe} is not a writable folder); "
-                         f"pick another {flag}")
+                             f"pick another {flag}")
 
 
 # ----------------------------------------------------------------------------------------------
-# progress
+# before a run starts: the folder's checks and its lock
 
 
-class RunLog:
-    """Progress to stdout and log.txt; one JSON line per step/epoch to metrics.jsonl."""
-
-    def __init__(self, folder, metrics_bytes=None):
-        self.log = open(os.path.join(folder, "log.txt"), "a")
-        path = os.path.join(folder, "metrics.jsonl")
-        if metrics_bytes is not None and os.path.exists(path):   # resume: drop lines after the checkpoint
-            with open(path, "r+") as f:
-                f.truncate(metrics_bytes)
-        self.metrics = open(path, "a")
-        self.stdout = True                   # False once a closed pipe (`| head`) stops reading it
-
-    def print(self, line):
-        if self.stdout:
-            try:
-                print(line, flush=True)
-            except BrokenPipeError:          # the run goes on; log.txt keeps every line
-                self.stdout = False
-                os.dup2(os.open(os.devnull, os.O_WRONLY), 1)   # so Python's exit flush does not fail again
-        self.log.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}\n")
-        self.log.flush()
-
-    def record(self, **values):
-        self.metrics.write(json.dumps(values) + "\n")
-        self.metrics.flush()
-
-    def metrics_bytes(self):
-        return self.metrics.tell()
-
-
-class Progress:
-    """Means since the last progress line, throughput, and an ETA from the run's average step time.
-
-    step() after every training step; add() the totals (loss sum, correct, images) of the steps
-    since the last line, then line(); epoch_means() at each epoch's end. clock: seconds
-    (time.monotonic; tests pass a fake one)."""
-
-    def __init__(self, steps_left, clock=time.monotonic):
-        self.clock, self.steps_left, self.steps = clock, steps_left, 0
-        self.start = self.last = clock()
-        self.line_totals, self.epoch_totals = [0.0, 0, 0], [0.0, 0, 0]
-
-    def step(self):
-        self.steps, self.steps_left = self.steps + 1, self.steps_left - 1
-
-    def add(self, loss_sum, correct, n):
-        for totals in (self.line_totals, self.epoch_totals):
-            totals[0], totals[1], totals[2] = totals[0] + loss_sum, totals[1] + correct, totals[2] + n
-
-    def line(self):
-        """'loss L acc A% R img/s eta T' over the steps since the last line."""
-        (loss_sum, correct, n), now = self.line_totals, self.clock()
-        rate = n / max(now - self.last, 1e-9)
-        eta = (now - self.start) / max(self.steps, 1) * self.steps_left
-        self.last, self.line_totals = now, [0.0, 0, 0]
-        return (f"loss {loss_sum / max(n, 1):.4f} acc {100.0 * correct / max(n, 1):.1f}% {rate:.1f} img/s "
-                f"eta {duration(eta)}")
-
-    def epoch_means(self):
-        (loss_sum, correct, n), self.epoch_totals = self.epoch_totals, [0.0, 0, 0]
-        return {"mean_loss": round(loss_sum / max(n, 1), 6), "mean_acc": round(100.0 * correct / max(n, 1), 4)}
-
-
-def duration(seconds):
-    """'42s', '3.5 min', '1.2 h'."""
-    if seconds < 60:
-        return f"{seconds:.0f}s"
-    if seconds < 3600:
-        return f"{seconds / 60:.1f} min"
-    return f"{seconds / 3600:.1f} h"
-
-
-class QuietLog:
-    """What a process other than rank 0 logs: nothing (rank 0 writes the run folder)."""
-
-    def print(self, line):
-        pass
-
-    def record(self, **values):
-        pass
-
-
-# ----------------------------------------------------------------------------------------------
-# the folder and its checkpoints
-
-
-OWN_FILES = {"config.json", "log.txt", "metrics.jsonl", "split.json", ".lock"}   # what a run writes before state.pt
-_TEMP = re.compile(r".*\.tmp\d+$")                                             # files.atomic_write's temporaries
+OWN_FILES = {"config.json", "log.txt", "metrics.jsonl", "split.json", ".lock"}   # written before state.pt
+_TEMP = re.compile(r".*\.tmp\d+$")                                   # files.atomic_write's temporaries
 
 
 def failed_start(folder):
@@ -222,12 +105,14 @@ def start_folder(folder, settings: dict, resume: bool, free=()):
         changed = sorted(k for k in settings if k in saved and saved[k] != settings[k] and k not in free)
         if changed:
             raise cli.UsageError(f"--resume with different settings ({', '.join(changed)}); use the run's "
-                             f"settings or another --output")
+                                 "settings or another --output")
     elif os.path.exists(state_path) or os.path.exists(os.path.join(folder, "results.json")):
-        raise cli.UsageError(f"{folder} already holds a run; pass --resume to continue it or --output for a new one")
+        raise cli.UsageError(f"{folder} already holds a run; pass --resume to continue it or --output for a "
+                             "new one")
     elif os.path.isdir(folder) and os.listdir(folder) and not failed_start(folder):   # someone else's files
-        raise cli.UsageError(f"--output {folder} is not empty (it holds {', '.join(sorted(os.listdir(folder))[:3])}); "
-                         "a new run needs a new or empty folder: remove its files or pick another --output")
+        some = ", ".join(sorted(os.listdir(folder))[:3])
+        raise cli.UsageError(f"--output {folder} is not empty (it holds {some}); a new run needs a new or "
+                             "empty folder: remove its files or pick another --output")
 
 
 def read_config(folder):
@@ -238,7 +123,7 @@ def read_config(folder):
             saved = json.load(f)
     except (OSError, ValueError) as e:
         raise cli.UsageError(f"cannot read {path} ({cli.one_line(e)}); --resume needs the run's own "
-                         "config.json") from None
+                             "config.json") from None
     if not isinstance(saved, dict):
         raise cli.UsageError(f"{path} is not a run's config.json; start a new run in another --output")
     return saved
@@ -256,7 +141,7 @@ def lock(folder):
         holder = f.read().strip() or "another process"
         f.close()
         raise cli.UsageError(f"{folder} is in use by process {holder}; wait for it to finish or pick "
-                         "another --output") from None
+                             "another --output") from None
     f.seek(0)
     f.truncate()
     f.write(f"{os.getpid()}\n")
@@ -267,107 +152,100 @@ def lock(folder):
     return f
 
 
-def write_config(folder, cfg):
-    os.makedirs(folder, exist_ok=True)
-    write_json(os.path.join(folder, "config.json"), dataclasses.asdict(cfg))
+
+# ----------------------------------------------------------------------------------------------
+# the run
 
 
-def kept(folder):
-    if os.path.exists(os.path.join(folder, "state.pt")):
-        return f"The last good checkpoint is kept in {folder}"
-    return "No checkpoint had been written yet"
+class Position(NamedTuple):
+    """Where training stands: `epoch` epochs done and `batch` steps of the next."""
+    epoch: int = 0
+    batch: int = 0
 
 
-def save_state(folder, learner, optimizer, epoch, batch, metrics_bytes, torch_rng, clip_sha256, progress):
-    """state.pt and checkpoint.safetensors after `epoch` epochs and `batch` steps of the next.
-    torch_rng: the global RNG state to resume with (taken before this epoch's loader drew from it);
-    progress: the (loss sum, correct, images) of the steps since the last progress line and of the epoch's
-    lines so far, so that the means after a resume are the same."""
-    from safetensors.torch import save_file
+class Run:
+    """A training run's folder and everything written to it, handed to the training loop as one object.
 
-    if not all(torch.isfinite(p).all() for p in learner.parameters()):   # never overwrite a good checkpoint
-        raise FloatingPointError(f"the learned parameters became nan/inf (checkpoint due after {epoch} epochs and "
-                                 f"{batch} steps); stopped. {kept(folder)} (lower --lr or use --precision fp32)")
-    state = {"params": {k: v.detach().cpu() for k, v in learner.state_dict().items()},
-             "optimizer": optimizer.state_dict(), "epoch": epoch, "batch": batch,
-             "metrics_bytes": metrics_bytes, "torch_rng": torch_rng, "clip_sha256": clip_sha256,
-             "progress": [[float(x) for x in t] for t in progress]}
-    atomic_write(os.path.join(folder, "state.pt"), lambda tmp: torch.save(state, tmp))
-    tensors = {k: v.detach().float().cpu().contiguous() for k, v in learner.named_parameters()}
-    atomic_write(os.path.join(folder, "checkpoint.safetensors"),
-                 lambda tmp: save_file(tensors, tmp, metadata={"epoch": str(epoch), "batch": str(batch)}))
+    It holds the folder, its lock (one process at a time), the log (progress lines and metrics), the
+    processes (`world`: rank 0 alone writes, every rank takes part in the barriers), the sha256 of the
+    CLIP weights (every checkpoint and prompt records it), and where training starts: `position` and
+    `tally`, the start of a new run, or a resumed run's checkpoint once restore() has checked it.
+    Creating a Run writes nothing; start() begins writing, once every input has been checked."""
 
+    def __init__(self, folder, clip_sha256, world=World(), state=None):
+        self.folder = folder
+        self.clip_sha256 = clip_sha256
+        self.world = world
+        self.state = state                   # a resumed run's state.pt, as checkpoint.read gave it
+        self.position = Position()
+        self.tally = Tally([0.0] * 3, [0.0] * 3, 0.0)
+        self.log = QuietLog()
+        self.held = None                     # the lock file, while rank 0 holds it
 
-def read_state(folder):
-    path = os.path.join(folder, "state.pt")
-    if not os.path.exists(path):
-        raise cli.UsageError(f"--resume but {path} does not exist; start without --resume")
-    try:
-        return torch.load(path, weights_only=True)
-    except Exception as e:  # weights_only refuses anything but tensors and plain containers
-        raise cli.UsageError(f"cannot read {path} ({type(e).__name__}): it is not a state.pt this trainer "
-                             "wrote, so the run cannot be resumed; start a new run in another --output") from None
+    @property
+    def resumed(self):
+        return self.state is not None
 
+    def restore(self, learner, optimizer, epochs):
+        """A resumed run: check its state.pt, then restore the learner, the optimizer and the RNG from
+        it (UsageError, with nothing restored, if this run cannot continue from it)."""
+        if not self.resumed:
+            return
+        checkpoint.check_state(self.state, self.folder, learner, optimizer, epochs, self.clip_sha256)
+        self.position = Position(self.state["epoch"], self.state["batch"])
+        unreported, epoch = self.state["progress"]
+        if not self.world.main:              # sums over every rank's images: rank 0 alone carries them
+            unreported = [0.0] * 3
+        self.tally = Tally(unreported, epoch, self.state.get("train_seconds", 0.0))   # older: no seconds
 
-def check_state(state, folder, learner, optimizer, epochs, clip_sha256):
-    """Refuse (UsageError) a state.pt whose schema, types, shapes or values this run cannot continue
-    from, before anything is restored; then restore the optimizer, parameters and RNG."""
-    path = os.path.join(folder, "state.pt")
+    def start(self, cfg, few):
+        """Begin writing, after every process has checked its inputs: rank 0 takes the lock and, for
+        a new run, writes config.json and split.json (replacing what a failed start left); then the log
+        (a resumed run's metrics.jsonl cut back to its checkpoint)."""
+        distributed.barrier(self.world)
+        if self.world.main:
+            self.held = lock(self.folder)
+            if not self.resumed:
+                for name in ("log.txt", "metrics.jsonl"):
+                    if os.path.exists(os.path.join(self.folder, name)):
+                        os.remove(os.path.join(self.folder, name))
+                write_json(os.path.join(self.folder, "config.json"), dataclasses.asdict(cfg))
+                data.save_split(os.path.join(self.folder, "split.json"), few)
+            self.log = RunLog(self.folder, self.state["metrics_bytes"] if self.resumed else None)
+        distributed.barrier(self.world)
 
-    def refuse(why):
-        raise cli.UsageError(f"{path} cannot be resumed: {why}; start a new run in another --output")
-    keys = {"params", "optimizer", "epoch", "batch", "metrics_bytes", "torch_rng", "clip_sha256", "progress"}
-    if not isinstance(state, dict) or not keys <= set(state):
-        refuse(f"it is not a state.pt this trainer wrote (it needs {sorted(keys)})")
-    if state["clip_sha256"] != clip_sha256:
-        refuse(f"it was trained with CLIP weights sha256 {str(state['clip_sha256'])[:12]}..., these are "
-               f"{clip_sha256[:12]}...; pass the run's --weights")
-    for name, high in (("epoch", epochs), ("batch", None)):
-        value = state[name]
-        if type(value) is not int or value < 0 or (high is not None and value > high):
-            refuse(f"{name} is {value!r}")
-    metrics = os.path.join(folder, "metrics.jsonl")
-    size = os.path.getsize(metrics) if os.path.exists(metrics) else 0
-    if type(state["metrics_bytes"]) is not int or not 0 <= state["metrics_bytes"] <= size:
-        refuse(f"metrics_bytes is {state['metrics_bytes']!r}, metrics.jsonl has {size} bytes")
-    totals = state["progress"]
-    if not (isinstance(totals, list) and len(totals) == 2 and all(
-            isinstance(t, list) and len(t) == 3 and all(type(x) is float and x == x and abs(x) < 1e300 for x in t)
-            for t in totals)):
-        refuse("progress is not two lists of three finite numbers")
-    rng = state["torch_rng"]
-    if not isinstance(rng, torch.Tensor) or rng.dtype != torch.uint8 or rng.shape != torch.get_rng_state().shape:
-        refuse("torch_rng is not a CPU RNG state")
-    params, own = state["params"], learner.state_dict()
-    if not isinstance(params, dict) or set(params) != set(own):
-        refuse(f"its parameters are not this learner's ({sorted(own)})")
-    for k, v in params.items():
-        if not isinstance(v, torch.Tensor) or v.shape != own[k].shape or not v.is_floating_point() \
-                or not torch.isfinite(v).all():
-            refuse(f"parameter {k} is not a finite tensor of shape {tuple(own[k].shape)}")
-    if fault := _optimizer_state_fault(optimizer, state["optimizer"]):
-        refuse(fault)
-    optimizer.load_state_dict(state["optimizer"])       # checked: every check above passed
-    learner.load_state_dict(params)
-    torch.set_rng_state(rng)
+    def save(self, learner, optimizer, position, rng, tally):
+        """Checkpoint at `position` (rank 0 writes). rng: the global RNG state to continue with (for a
+        mid-epoch position, as it was before the epoch's loader drew from it); tally: the progress."""
+        if not self.world.main:
+            return
+        checkpoint.save(self.folder, learner, optimizer, {
+            "epoch": position.epoch, "batch": position.batch, "metrics_bytes": self.log.metrics_bytes(),
+            "torch_rng": rng, "clip_sha256": self.clip_sha256, "progress": [tally.unreported, tally.epoch],
+            "train_seconds": tally.seconds})
 
+    def kept(self):
+        return checkpoint.kept(self.folder)
 
-def _optimizer_state_fault(optimizer, saved):
-    """Why the optimizer state `saved` cannot continue `optimizer` (None if it can). It is loaded into
-    a stand-in with parameters of the same shapes, so that `optimizer` is untouched until it passes."""
-    groups = [dict(g, params=[torch.empty_like(p) for p in g["params"]]) for g in optimizer.param_groups]
-    trial = torch.optim.Optimizer(groups, {})
-    try:
-        trial.load_state_dict(saved)
-    except Exception as e:  # torch raises several types for a malformed optimizer state
-        return f"its optimizer state does not fit ({cli.one_line(e)[:200]})"
-    for group in trial.param_groups:
-        settings = [group.get(k) for k in ("lr", "momentum", "weight_decay", "dampening")]
-        if not all(isinstance(v, (int, float)) and abs(v) < float("inf") for v in settings):   # NaN fails too
-            return "its optimizer settings (lr, momentum, weight_decay, dampening) are not finite numbers"
-        for p in group["params"]:
-            buf = trial.state.get(p, {}).get("momentum_buffer")
-            if buf is not None and (not isinstance(buf, torch.Tensor) or buf.shape != p.shape
-                                    or not torch.isfinite(buf).all()):
-                return f"a momentum buffer is not a finite tensor of shape {tuple(p.shape)}"
-    return None
+    def write_prompt(self, model):
+        """prompt.safetensors of `model`'s learner (and CoOp's classifier.safetensors), written before
+        any process reads them; returns the prompt's path."""
+        path = os.path.join(self.folder, "prompt.safetensors")
+        if self.world.main:
+            save_prompt(path, model.learner, self.clip_sha256)
+            if not model.is_conditional:
+                classifier = os.path.join(self.folder, "classifier.safetensors")
+                export_classifier(classifier, model, self.clip_sha256)
+        distributed.barrier(self.world)
+        return path
+
+    def write_results(self, results):
+        if self.world.main:
+            write_json(os.path.join(self.folder, "results.json"), results)
+
+    def close(self):
+        """Release the lock: a finished run keeps no lock file."""
+        if self.held is not None:
+            self.held.close()
+            os.remove(os.path.join(self.folder, ".lock"))
+            self.held = None

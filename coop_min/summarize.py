@@ -1,14 +1,19 @@
 """`python -m coop_min.summarize RUNS`: the papers' tables and plots from every results.json below RUNS.
 
-A train run is its results.json and config.json; an evaluation made by coop_min.sweep is evaluate's
-results.json and the sweep.json naming the run whose prompts it tested (one without is left out, and
-counted). The tables, printed and written into --output (default RUNS) as summary.md:
+A run is its results.json and config.json (train's, or linear_probe's); an evaluation made by
+coop_min.sweep is a results.json and the sweep.json naming the run whose prompts (or classifier) it
+tested (one without is left out, and counted). A row is one setting: the method and everything that
+changes a number (context, class-token position, CSC, init, backbone, templates, precision, data
+folder, and epochs / batch size / lr set apart from the paper's), so runs that differ in any of them
+never share a cell; each table says in which settings its rows differ. Printed and written into
+--output (default RUNS) as summary.md:
     few-shot       CoOp's Figure 3: per setting, datasets x shots, and zero-shot CLIP from the runs'
-                   `zero_shot`; few_shot.csv; few_shot_<dataset>.png per dataset (and the Average):
-                   accuracy vs shots, error bars of one std over seeds, zero-shot CLIP dashed.
-    base-to-new    CoCoOp's Table 1: base / new / H per dataset and method; base2new.csv, base2new.png.
+                   `zero_shot`; few_shot.csv; few_shot.png and .svg: a panel per dataset and the Average,
+                   error bars of one std over seeds, linear-probe CLIP dashed, zero-shot CLIP a star.
+    base-to-new    CoCoOp's Table 1: base / new / H per dataset and method; base2new.csv, base2new.png/.svg.
     cross-dataset  CoCoOp's Table 2, and dg (CoOp's DG, CoCoOp's Table 3): source and targets;
                    cross_dataset.csv, dg.csv.
+    compute        per setting, the training time per run, images/s and peak GPU memory the runs recorded.
 Means and stds are over seeds, the std np.std's (the population's), as parse_test_res.py prints. H is
 that of the mean base and the mean new; the Average row averages base and new over the datasets and
 takes H of those averages, as the CoCoOp paper does. A cell without results is "-", one over fewer
@@ -19,19 +24,19 @@ import json
 import os
 import statistics
 
-from PIL import Image, ImageDraw
-
-from coop_min import cli
+from coop_min import cli, options, plots
+from coop_min.data import DATASETS, dataset_key
 from coop_min.evaluate import harmonic_mean
 
 DG_TARGETS = ("ImageNetV2", "ImageNetSketch", "ImageNetA", "ImageNetR")
 ORDER = ("ImageNet", "Caltech101", "OxfordPets", "StanfordCars", "OxfordFlowers", "Food101", "FGVCAircraft",
          "SUN397", "DescribableTextures", "EuroSAT", "UCF101", *DG_TARGETS)      # the papers' order
-SETTING = ("method", "n_ctx", "ctx_init", "csc", "class_token_position", "weights")  # what a row is
-NAMES = {"zero-shot": "zero-shot CLIP", "coop": "CoOp", "cocoop": "CoCoOp"}        # in the papers' order
+# what a row is: every setting that changes a number ("training": epochs, batch size, lr set apart from the paper's)
+SETTING = ("method", "n_ctx", "ctx_init", "csc", "class_token_position", "weights", "templates", "precision",
+           "data", "training")
+NAMES = {"zero-shot": "zero-shot CLIP", "linear-probe": "linear-probe CLIP", "coop": "CoOp",
+         "cocoop": "CoCoOp"}                                                     # in the papers' order
 TABLES = ("few_shot", "base2new", "cross_dataset", "dg")
-SHOTS_SIZE, BARS_SIZE = (480, 320), (720, 540)                                   # plot sizes in pixels
-COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -47,31 +52,56 @@ def _read(path):
 
 
 def collect(root):
-    """(tables, how many results.json were left out) from everything below `root`."""
+    """(tables, how many results.json were left out) from everything below `root`; tables["compute"]:
+    {setting: [a run's results.json]}."""
     found = {}
     for folder, dirs, files in os.walk(root):
         dirs.sort()
         if "results.json" in files:
             found[os.path.normpath(folder)] = [_read(os.path.join(folder, n))
                                                for n in ("results.json", "config.json", "sweep.json")]
-    tables = {t: {} for t in TABLES}
+    tables = {t: {} for t in (*TABLES, "compute")}
     runs = {f: (r, c) for f, (r, c, _) in found.items()
-            if isinstance(r, dict) and {"method", "seed", "zero_shot"} <= set(r)}
+            if isinstance(r, dict) and {"method", "seed", "accuracy", "dataset"} <= set(r)}
     for r, config in runs.values():
         _add_run(tables, r, config)
     evals = {f: (r, side) for f, (r, _, side) in found.items()
              if f not in runs and isinstance(side, dict) and isinstance(r, dict) and "accuracy" in r}
-    evaluated = {(side.get("weights"), r["dataset"]) for r, side in evals.values() if side.get("prompt") is None}
+    evaluated = {(side.get("weights"), side.get("templates", "single"), r["dataset"]) for r, side in evals.values()
+                 if side.get("prompt") is None}
     used = sum(_add_evaluation(tables, folder, r, side, runs, evaluated) for folder, (r, side) in evals.items())
     return tables, len(found) - len(runs) - used
 
 
+def _training(r, config):
+    """The training settings set apart from the paper's defaults for the run's method, shots and dataset."""
+    if r["method"] not in ("coop", "cocoop"):
+        return ""
+    paper = options.paper_defaults(r["method"], r.get("shots", 16), r["dataset"])
+    return " ".join(f"{name} {config[name]:g}" for name in ("epochs", "batch_size", "lr")
+                    if config.get(name) is not None and config[name] != paper[name])
+
+
+def _data_root(folder, dataset):
+    """The data root a run's --data belongs to: ROOT of ROOT/<the dataset's folder>, else the folder, so
+    the datasets of one root share rows and two copies of a dataset do not."""
+    if not folder:
+        return None
+    folder = os.path.normpath(folder)
+    key = dataset_key(dataset)
+    if os.path.basename(folder) in (key, dataset, DATASETS.get(key, ("", ""))[1]):
+        return os.path.dirname(folder)
+    return folder
+
+
 def _setting(r, config):
-    return tuple((config if isinstance(config, dict) else {"method": r["method"]}).get(k) for k in SETTING)
+    config = {"templates": "single", **(config if isinstance(config, dict) else {"method": r["method"]})}
+    values = {"training": _training(r, config), "data": _data_root(config.get("data"), r["dataset"])}
+    return tuple(values[k] if k in values else config.get(k) for k in SETTING)
 
 
-def _zero_shot(weights):
-    return ("zero-shot", None, None, None, None, weights)
+def _zero_shot(weights, templates="single"):
+    return tuple({"method": "zero-shot", "weights": weights, "templates": templates}.get(k) for k in SETTING)
 
 
 def _add(table, setting, dataset, column, seed, value):   # a seed seen twice keeps its first value
@@ -79,15 +109,21 @@ def _add(table, setting, dataset, column, seed, value):   # a seed seen twice ke
 
 
 def _add_run(tables, r, config):
-    s, d, seed, zero_shot = _setting(r, config), r["dataset"], r["seed"], r["zero_shot"]["accuracy"]
+    s = _setting(r, config)
+    d = r["dataset"]
+    seed = r["seed"]
+    zero_shot = r.get("zero_shot", {}).get("accuracy")
+    tables["compute"].setdefault(s, []).append(r)
     if r.get("subsample") == "base" and "new" in r:
         zero_shot_new = r["zero_shot_new"]["accuracy"]
-        for row, base, new in ((s, r["accuracy"], r["new"]), (_zero_shot(s[-1]), zero_shot, zero_shot_new)):
+        clip = _zero_shot(s[SETTING.index("weights")], s[SETTING.index("templates")])
+        for row, base, new in ((s, r["accuracy"], r["new"]), (clip, zero_shot, zero_shot_new)):
             _add(tables["base2new"], row, d, "base", seed, base)
             _add(tables["base2new"], row, d, "new", seed, new)
     elif r.get("subsample", "all") == "all":
         _add(tables["few_shot"], s, d, r["shots"], seed, r["accuracy"])
-        _add(tables["few_shot"], s, d, 0, seed, zero_shot)                     # column 0: zero-shot CLIP
+        if zero_shot is not None:
+            _add(tables["few_shot"], s, d, 0, seed, zero_shot)                 # column 0: zero-shot CLIP
 
 
 def _add_evaluation(tables, folder, r, side, runs, evaluated):
@@ -95,18 +131,29 @@ def _add_evaluation(tables, folder, r, side, runs, evaluated):
     False if its run is not there."""
     table = tables["dg" if r["dataset"] in DG_TARGETS else "cross_dataset"]
     if side.get("prompt") is None:           # zero-shot CLIP; on the source, in both tables
+        clip = _zero_shot(side.get("weights"), side.get("templates", "single"))
         for t in ([tables["dg"], tables["cross_dataset"]] if r["dataset"] == "ImageNet" else [table]):
-            _add(t, _zero_shot(side.get("weights")), r["dataset"], "accuracy", None, r["accuracy"])
+            _add(t, clip, r["dataset"], "accuracy", None, r["accuracy"])
         return True
     source = os.path.normpath(os.path.join(folder, side["prompt"]))
     if source not in runs:
         return False
-    (src, _), row = runs[source], _setting(*runs[source])
+    src, config = runs[source]
+    row = _setting(src, config)
+    clip = (row[SETTING.index("weights")], row[SETTING.index("templates")])
     _add(table, row, r["dataset"], "accuracy", src["seed"], r["accuracy"])
     _add(table, row, src["dataset"], "accuracy", src["seed"], src["accuracy"])
-    if (row[-1], src["dataset"]) not in evaluated:        # else the run's own zero-shot test of the source
-        _add(table, _zero_shot(row[-1]), src["dataset"], "accuracy", src["seed"], src["zero_shot"]["accuracy"])
+    if (*clip, src["dataset"]) not in evaluated and "zero_shot" in src:   # else the run's own zero-shot test
+        _add(table, _zero_shot(*clip), src["dataset"], "accuracy", src["seed"], src["zero_shot"]["accuracy"])
     return True
+
+
+def _value(name, value):
+    if name in ("weights", "data"):
+        return os.path.basename(str(value or "")) or "default"
+    if name == "training":
+        return value or "as the paper"
+    return repr(value)
 
 
 def labels(settings):
@@ -115,9 +162,14 @@ def labels(settings):
     for s in settings:
         same = [t for t in settings if t[0] == s[0]]
         differ = [i for i in range(1, len(SETTING)) if len({t[i] for t in same}) > 1]
-        extra = ", ".join(f"{SETTING[i]} {os.path.basename(str(s[i])) if i == 5 else s[i]!r}" for i in differ)
+        extra = ", ".join(f"{SETTING[i].replace('_', ' ')} {_value(SETTING[i], s[i])}" for i in differ)
         out[s] = NAMES[s[0]] + (f" ({extra})" if extra else "")
     return dict(sorted(out.items(), key=lambda kv: (list(NAMES).index(kv[0][0]), kv[1])))
+
+
+def differing(settings):
+    """The settings in which any two rows differ, e.g. ["n_ctx", "csc"] for CoOp's variants."""
+    return [SETTING[i] for i in range(1, len(SETTING)) if len({s[i] for s in settings if s[0] != "zero-shot"}) > 1]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -136,10 +188,12 @@ def average(stats):
 
 
 def _cell(s, most=0, std=True):
-    """"mean ± std", then "(n/most)" when fewer seeds than `most` went into it; "-" for no results."""
+    """"mean ± std" ("mean" of one seed), then "(n/most)" when fewer seeds than `most` went into it;
+    "-" for no results."""
     if s is None:
         return "-"
-    return (f"{s[0]:.2f} ± {s[1]:.2f}" if std else f"{s[0]:.2f}") + (f" ({s[2]}/{most})" if s[2] < most else "")
+    text = f"{s[0]:.2f} ± {s[1]:.2f}" if std and s[2] > 1 else f"{s[0]:.2f}"
+    return text + (f" ({s[2]}/{most})" if s[2] < most else "")
 
 
 def _cells(setting, stats, most):            # zero-shot CLIP has no seeds of its own: its mean alone
@@ -211,112 +265,104 @@ def write_csv(path, rows):
                                 *(f"{by_seed[x]:.4f}" if x in by_seed else "-" for x in seeds)])
 
 
+def compute_md(compute, names):
+    """What each setting cost, from the runs' results.json: mean training time per run, images/s, peak memory."""
+    lines = []
+    for s, name in names.items():
+        rs = compute.get(s, [])
+        seconds = [r.get("train_seconds", r.get("seconds")) for r in rs]
+        speed = [r["images_per_second"] for r in rs if r.get("images_per_second")]
+        memory = [r["peak_memory_bytes"] for r in rs if r.get("peak_memory_bytes")]
+        lines.append([name, str(len(rs)),
+                      _duration(statistics.mean(seconds)) if rs and None not in seconds else "-",
+                      f"{statistics.mean(speed):.1f}" if speed else "-",
+                      f"{max(memory) / 2**30:.2f} GiB" if memory else "-"])
+    return _md(["setting", "runs", "time per run", "training images/s", "peak GPU memory"], lines)
+
+
+def _duration(seconds):
+    return f"{seconds:.1f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+
+
 # ----------------------------------------------------------------------------------------------
-# plots, drawn with PIL
+# plots (coop_min.plots draws them, PNG and SVG)
 
 
-class _Axes:
-    """A plot box in an image: accuracy to pixels, a grid with labelled ticks, a title and a legend."""
-
-    def __init__(self, img, box, lo, hi):
-        self.img, self.d, self.box, self.lo, self.hi = img, ImageDraw.Draw(img), box, lo, max(hi, lo + 2)
-
-    def y(self, v):
-        return self.box[3] - (self.box[3] - self.box[1]) * (v - self.lo) / (self.hi - self.lo)
-
-    def frame(self):
-        step = next(s for s in (1, 2, 5, 10, 20, 25, 50) if (self.hi - self.lo) / s <= 6)
-        for v in range(int(self.lo // step * step + step), int(self.hi) + 1, step):
-            self.d.line([self.box[0], self.y(v), self.box[2], self.y(v)], fill="#e0e0e0")
-            self.d.text((self.box[0] - 4, self.y(v)), str(v), fill="black", anchor="rm")
-        self.d.rectangle(self.box, outline="black")
-
-    def y_label(self, text, middle):         # rotated, at the left edge
-        w = int(self.d.textlength(text)) + 4
-        label = Image.new("L", (w, 14), 0)
-        ImageDraw.Draw(label).text((2, 1), text, fill=255)
-        self.img.paste("black", (4, int(middle - w / 2)), label.rotate(90, expand=True))
-
-    def finish(self, title, items, path):
-        """The title top left, a legend of [(label, colour, dashed)] in a row top right; save."""
-        self.d.text((self.box[0], 12), title, fill="black", anchor="lm")
-        widths = [int(self.d.textlength(t)) + 34 for t, _, _ in items]
-        x = self.img.width - 16 - sum(widths)
-        self.d.rectangle([x, 4, x + sum(widths), 22], fill="white", outline="#a0a0a0")
-        for (label, colour, dashed), lx in zip(items, (x + sum(widths[:i]) for i in range(len(items)))):
-            for a in range(lx + 4, lx + 24, 6 if dashed else 20):
-                self.d.line([a, 13, a + (3 if dashed else 20), 13], fill=colour, width=2)
-            self.d.text((lx + 28, 13), label, fill="black", anchor="lm")
-        self.img.save(path)
+def _points(by_column, most):
+    """{column: (mean, std or None, complete)} of one row on one dataset."""
+    out = {}
+    for column, by_seed in by_column.items():
+        if column and (s := stat(by_seed)):
+            out[column] = (s[0], s[1] if s[2] > 1 else None, s[2] >= most)
+    return out
 
 
-def plot_shots(series, zero_shot, title, path, size=SHOTS_SIZE):
-    """Accuracy vs shots per class (evenly spaced: a log2 axis), a line per series with error bars of one
-    std, zero-shot CLIP dashed. series: {label: {shots: (mean, std)}}; zero_shot: {label: mean}."""
-    shots = sorted({k for s in series.values() for k in s})
-    values = [m + e * sign for s in series.values() for m, e in s.values() for sign in (-1, 1)]
-    values += zero_shot.values()
-    ax = _Axes(Image.new("RGB", size, "white"), (64, 26, size[0] - 16, size[1] - 46),
-               max(0.0, min(values) - 2), min(100.0, max(values) + 2))
-    ax.frame()
-    left, top, right, bottom = ax.box
-    x = {k: left + (right - left) * (i + 0.5) / len(shots) for i, k in enumerate(shots)}
-    for k in shots:
-        ax.d.text((x[k], bottom + 6), str(k), fill="black", anchor="ma")
-    ax.d.text(((left + right) / 2, size[1] - 18), "shots per class", fill="black", anchor="ma")
-    ax.y_label("test accuracy (%)", (top + bottom) / 2)
-    items = []
-    for (label, mean), colour in zip(zero_shot.items(), ("#707070", *COLOURS[::-1])):
-        for a in range(int(left), int(right), 10):
-            ax.d.line([a, ax.y(mean), min(a + 5, right), ax.y(mean)], fill=colour, width=2)
-        items.append((label, colour, True))
-    for (label, points), colour in zip(series.items(), COLOURS):
-        ax.d.line([(x[k], ax.y(m)) for k, (m, _) in sorted(points.items())], fill=colour, width=2)
-        for k, (m, e) in points.items():
-            ax.d.line([x[k], ax.y(m - e), x[k], ax.y(m + e)], fill=colour)
-            for v in (m - e, m + e):
-                ax.d.line([x[k] - 4, ax.y(v), x[k] + 4, ax.y(v)], fill=colour)
-            ax.d.ellipse([x[k] - 3, ax.y(m) - 3, x[k] + 3, ax.y(m) + 3], fill=colour)
-        items.append((label, colour, False))
-    ax.finish(title, items, path)
+def _average_points(table):
+    columns = {k for d in table.values() for k in d if k}
+    out = {}
+    for k in columns:
+        if a := average([stat(table[d].get(k)) for d in table]):
+            out[k] = (a[0], None, True)
+    return out
 
 
-def plot_bars(groups, names, path, size=BARS_SIZE):
-    """Base, new and H in three panels, a bar per method in each dataset's group.
-    groups: [(dataset, {name: (base, new, H)})]; names: the methods in legend order."""
-    img = Image.new("RGB", size, "white")
-    lo = max(0, min(v for _, g in groups for t in g.values() for v in t) // 10 * 10 - 10)
-    left, right, top, height = 64, size[0] - 16, 26, (size[1] - 62) / 3
-    width = (right - left) / len(groups)
-    bar = min(24.0, (width - 8) / len(names))
-    for p, metric in enumerate(("base", "new", "H")):
-        ax = _Axes(img, (left, top + p * height + 6, right, top + (p + 1) * height - 6), lo, 100)
-        ax.frame()
-        ax.d.text((left + 4, ax.box[1] + 2), metric, fill="black")
-        for g, (dataset, values) in enumerate(groups):
-            x0 = left + g * width + (width - bar * len(values)) / 2
-            for m, name in enumerate(n for n in names if n in values):
-                ax.d.rectangle([x0 + m * bar + 1, ax.y(values[name][p]), x0 + (m + 1) * bar - 1, ax.y(lo)],
-                               fill=COLOURS[names.index(name) % len(COLOURS)])
-            if p == 2:
-                ax.d.text((x0 + bar * len(values) / 2, size[1] - 28), dataset[:max(3, int(width / 6))], fill="black",
-                          anchor="ma")
-    ax.y_label("test accuracy (%)", top + 1.5 * height)
-    ax.finish("base-to-new: base, new and their harmonic mean H",
-              [(n, COLOURS[m % len(COLOURS)], False) for m, n in enumerate(names)], path)
+def few_shot_panels(rows):
+    """One plots.Panel per dataset, and the Average when there are several, of the few-shot table."""
+    names, most = labels(rows), _most(rows)
+    datasets = _order({d for table in rows.values() for d in table})
+    panels = []
+    for d in datasets + (["Average"] if len(datasets) > 1 else []):
+        curves, zero_shot = [], {}
+        for s, name in names.items():
+            if d != "Average" and d not in rows[s]:
+                continue
+            points = _average_points(rows[s]) if d == "Average" else _points(rows[s][d], most)
+            if points:
+                curves.append(plots.Curve(name, points, dashed=s[0] == "linear-probe"))
+            z = average([stat(rows[s][x].get(0)) for x in rows[s]]) if d == "Average" else stat(rows[s][d].get(0))
+            if z:
+                zero_shot.setdefault(_zero_shot_label(s, names), z[0])
+        panels.append(plots.Panel(d, curves, list(zero_shot.items())))
+    return panels
 
 
-def shot_curves(table, dataset):
-    """({shots: (mean, std)}, the zero-shot mean or None) of one setting on a dataset, or on the "Average"."""
-    if dataset == "Average":
-        stats = {k: average([stat(table[d].get(k)) for d in table]) for k in {k for d in table.values() for k in d}}
-    else:
-        stats = {k: stat(by_seed) for k, by_seed in table[dataset].items()}
-    return {k: v[:2] for k, v in stats.items() if k and v}, stats[0][0] if stats.get(0) else None
+def _zero_shot_label(s, names):
+    """Zero-shot CLIP, named by its weights and templates when the table holds several of them."""
+    kinds = {(t[SETTING.index("weights")], t[SETTING.index("templates")]) for t in names}
+    if len(kinds) == 1:
+        return "zero-shot CLIP"
+    weights, templates = s[SETTING.index("weights")], s[SETTING.index("templates")]
+    return f"zero-shot CLIP ({_value('weights', weights)}, {templates or 'single'})"
+
+
+def base2new_groups(rows):
+    """[(dataset, {row name: (base, new, H)})] of the base-to-new table, each (mean, std or None)."""
+    names = labels(rows)
+    groups = []
+    for d in _order({d for row in rows.values() for d in row}):
+        group = {}
+        for s, name in names.items():
+            if d in rows[s]:
+                b, n = stat(rows[s][d]["base"]), stat(rows[s][d]["new"])
+                group[name] = ((b[0], b[1] if b[2] > 1 else None), (n[0], n[1] if n[2] > 1 else None),
+                               (harmonic_mean(b[0], n[0]), None))
+        groups.append((d, group))
+    if len(groups) > 1:                      # the Average: base and new over the datasets, H of those
+        average_group = {}
+        for s, name in names.items():
+            b, n = (average([stat(rows[s].get(d, {}).get(h)) for d, _ in groups]) for h in ("base", "new"))
+            if b and n:
+                average_group[name] = ((b[0], None), (n[0], None), (harmonic_mean(b[0], n[0]), None))
+        groups.insert(0, ("Average", average_group))
+    return groups
 
 
 # ----------------------------------------------------------------------------------------------
 # all of it
+
+
+_NOTE = ("Cells: mean ± std over seeds (np.std's, the population's), the mean alone for one seed; "
+         "\"(n/m)\": n seeds of the m that the table's fullest cell has; \"-\": no results.")
 
 
 def summarize(root, output=None):
@@ -325,22 +371,26 @@ def summarize(root, output=None):
     output = output or root
     os.makedirs(output, exist_ok=True)
     tables, left_out = collect(root)
-    lines = [f"# Results below {root}", ""]
+    lines = [f"# Results below {root}", "", _NOTE, ""]
     if left_out:
         lines += [f"({left_out} results.json left out: unreadable, or evaluations without a sweep.json or run)", ""]
     if rows := tables["few_shot"]:
-        lines += ["## Few-shot (CoOp, Figure 3): test accuracy (%), mean ± std over seeds", ""]
+        lines += ["## Few-shot (CoOp, Figure 3): test accuracy (%)", "", *_differ_line(rows)]
         for s, name in labels(rows).items():
             lines += [*few_shot_md(rows[s], name), ""]
-        _plot_few_shot(rows, output)
+        plots.few_shot_figure(few_shot_panels(rows), os.path.join(output, "few_shot"))
     if rows := tables["base2new"]:
-        lines += ["## Base-to-new (CoCoOp, Table 1): test accuracy (%), mean ± std over seeds; H of the means", "",
+        lines += ["## Base-to-new (CoCoOp, Table 1): test accuracy (%); H of the means", "", *_differ_line(rows),
                   *base2new_md(rows), ""]
-        _plot_base2new(rows, output)
+        names = [n for n in labels(rows).values()]
+        plots.bars_figure(base2new_groups(rows), names, os.path.join(output, "base2new"))
     for key, title in (("cross_dataset", "Cross-dataset transfer (CoCoOp, Table 2)"),
                        ("dg", "Domain generalisation (CoOp; CoCoOp, Table 3)")):
         if any(d != "ImageNet" for row in tables[key].values() for d in row):
-            lines += [f"## {title}: test accuracy (%), mean ± std over seeds", "", *transfer_md(tables[key]), ""]
+            lines += [f"## {title}: test accuracy (%)", "", *_differ_line(tables[key]), *transfer_md(tables[key]), ""]
+    if tables["compute"]:
+        lines += ["## Compute: what each setting cost, per run (as the runs recorded it)", "",
+                  *compute_md(tables["compute"], labels(tables["compute"])), ""]
     for key in (key for key in TABLES if tables[key]):
         write_csv(os.path.join(output, f"{key}.csv"), tables[key])
     if not any(tables.values()):
@@ -351,24 +401,10 @@ def summarize(root, output=None):
     return text, tables
 
 
-def _plot_few_shot(rows, output):
-    names = labels(rows)
-    datasets = _order({d for table in rows.values() for d in table})
-    for d in datasets + (["Average"] if len(datasets) > 1 else []):
-        curves = {s: shot_curves(rows[s], d) for s in names if d == "Average" or d in rows[s]}
-        series = {names[s]: points for s, (points, _) in curves.items() if points}
-        zero = {"zero-shot CLIP" + (f" ({names[s]})" if len(curves) > 1 else ""): z
-                for s, (_, z) in curves.items() if z is not None}
-        if series:
-            plot_shots(series, zero, d, os.path.join(output, f"few_shot_{d}.png"))
-
-
-def _plot_base2new(rows, output):
-    names, groups = labels(rows), []
-    for d in _order({d for row in rows.values() for d in row}):
-        means = {n: (stat(rows[s][d]["base"])[0], stat(rows[s][d]["new"])[0]) for s, n in names.items() if d in rows[s]}
-        groups.append((d, {n: (b, nw, harmonic_mean(b, nw)) for n, (b, nw) in means.items()}))
-    plot_bars(groups, list(names.values()), os.path.join(output, "base2new.png"))
+def _differ_line(rows):
+    if differ := differing(rows):
+        return [f"Rows differ in: {', '.join(name.replace('_', ' ') for name in differ)}.", ""]
+    return []
 
 
 def main(argv=None):
@@ -377,7 +413,7 @@ def main(argv=None):
 
 def _main(argv):
     p = cli.parser("python -m coop_min.summarize", description=(
-        "The papers' tables (Markdown, CSV) and plots (PNG) from every results.json below RUNS."))
+        "The papers' tables (Markdown, CSV) and plots (PNG and SVG) from every results.json below RUNS."))
     p.add_argument("runs", metavar="RUNS", help="the folder of the runs (a sweep's --output)")
     p.add_argument("--output", help="the folder for summary.md, the CSV files and the plots (default RUNS)")
     args = p.parse_args(argv)

@@ -75,7 +75,8 @@ def test_capture_survives_a_pinned_allocation_in_another_thread():
             return (model.loss(model.encode_images(x), y),)
         step = TrainStep(forward, torch.optim.SGD(model.trainable_parameters(), lr=0.002, momentum=0.9),
                          cuda_graph=cuda_graph)
-        x, y = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(3)).cuda(), torch.arange(4).cuda()
+        x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(3)).cuda()
+        y = torch.arange(4).cuda()
         out = [step(x, y)[0].item() for _ in range(4)]        # graphed: 2 eager, a capture, a replay
         assert step.graph is not None or not cuda_graph
         return out
@@ -95,7 +96,8 @@ def test_device_lr_sgd_is_captured_once_for_every_learning_rate(monkeypatch):
     original = TrainStep._capture
     monkeypatch.setattr(TrainStep, "_capture", lambda self, *a: captures.append(1) or original(self, *a))
     g = torch.Generator().manual_seed(0)
-    batches = [(torch.randn(4, 3, 32, 32, generator=g).cuda(), torch.randint(0, len(NAMES), (4,), generator=g).cuda())
+    batches = [(torch.randn(4, 3, 32, 32, generator=g).cuda(),
+                torch.randint(0, len(NAMES), (4,), generator=g).cuda())
                for _ in range(9)]
     out = {}
     for cuda_graph in (False, True):

@@ -106,12 +106,14 @@ def test_shipped_tiny_clip_loads_and_is_well_above_chance_zero_shot():
     assert config["vocab_size"] == 49408 and config["context_length"] == 77 and recipe["args"]["steps"] > 0
     assert TINY_CLIP.stat().st_size < 21 * 2**20
     model = load_clip(TINY_CLIP)
-    assert model.config.vision_heads == config["vision_heads"] and model.config.text_heads == config["text_heads"]
+    assert model.config.vision_heads == config["vision_heads"]
+    assert model.config.text_heads == config["text_heads"]
     items = demo.benchmark_split("test", seed=0, per_class=4)   # 144 images, 36 classes
     labels = torch.tensor([label for _, label, _ in items])
     with torch.no_grad():
         f = F.normalize(model.encode_image(_pixels([im for im, _, _ in items])), dim=-1)
-        t = F.normalize(model.encode_text(tokenize([f"a photo of a {n}." for n in demo.classnames()])), dim=-1)
+        prompts = [f"a photo of a {n}." for n in demo.classnames()]
+        t = F.normalize(model.encode_text(tokenize(prompts)), dim=-1)
     accuracy = (f @ t.t()).argmax(1).eq(labels).float().mean().item()
     assert accuracy > 4 / 36, f"zero-shot accuracy {accuracy:.1%} is not well above chance (2.8%)"
 
@@ -157,15 +159,17 @@ def test_coop_with_paper_defaults_beats_zero_shot_on_the_demo_base_classes(e2e_s
     labels = torch.tensor([label for _, label, _ in items])
     with torch.no_grad():
         f = F.normalize(model.encode_image(_pixels([im for im, _, _ in items])), dim=-1)
-        t = F.normalize(model.encode_text(tokenize([f"a photo of a {n}." for n in demo.classnames()[:18]])), dim=-1)
+        prompts = [f"a photo of a {n}." for n in demo.classnames()[:18]]
+        t = F.normalize(model.encode_text(tokenize(prompts)), dim=-1)
     zero_shot = (f @ t.t()).argmax(1).eq(labels).float().mean().item() * 100
     assert results["zero_shot"]["accuracy"] == pytest.approx(zero_shot, abs=0.4)   # at most 2 of 540 images
-    assert results["base"] >= zero_shot + 3, f"CoOp {results['base']:.1f}% vs zero-shot {zero_shot:.1f}% on base"
+    assert results["base"] >= zero_shot + 3, \
+        f"CoOp {results['base']:.1f}% vs zero-shot {zero_shot:.1f}% on base"
 
     with safe_open(str(tmp_path / "run" / "prompt.safetensors"), framework="pt") as f:
         ctx = f.get_tensor("ctx")                                                      # (16, 128)
     init = torch.empty(16, 128).normal_(0, 0.02, generator=torch.Generator().manual_seed(1))
     assert (ctx - init).norm() > 0.5 * init.norm(), "the learned context hardly moved from its init"
     ids, _ = nearest_words(ctx, model.token_embedding, 1)
-    words = [token_string(i).removesuffix("</w>") for i in ids[:, 0].tolist()]   # e.g. 'heart', 'fern', 'selec'
+    words = [token_string(i).removesuffix("</w>") for i in ids[:, 0].tolist()]   # 'heart', 'fern', 'selec'
     assert sum(w.isascii() and w.isalpha() for w in words) >= 8, words

@@ -5,6 +5,7 @@ import torch.nn.functional as F
 
 from coop_min.clip import CLIP, CLIPConfig
 from coop_min.evaluate import compute_metrics, harmonic_mean, zero_shot_weights
+from coop_min.options import from_run
 from coop_min.tokenizer import tokenize
 
 
@@ -26,7 +27,23 @@ def test_template_ensemble_averages_normalised_features_then_renormalises():
     names, templates = ["red_panda", "dog"], ["a photo of a {}.", "a sketch of the {}.", "{}"]
     w = zero_shot_weights(clip, names, templates, "cpu")
     with torch.no_grad():                      # CLIP's prompt ensembling, written out per template
-        per_template = [clip.encode_text(tokenize([t.format(n.replace("_", " ")) for n in names])) for t in templates]
+        per_template = [clip.encode_text(tokenize([t.format(n.replace("_", " ")) for n in names]))
+                        for t in templates]
         mean = sum(f / f.norm(dim=-1, keepdim=True) for f in per_template) / len(templates)
     assert torch.allclose(w, mean / mean.norm(dim=-1, keepdim=True), atol=1e-6)
     assert not torch.allclose(w, F.normalize(sum(per_template), dim=-1), atol=1e-4)  # the norms matter here
+
+
+def test_evaluate_takes_from_a_run_the_settings_its_options_declare_unless_given():
+    """evaluate --prompt RUN_DIR: the run's data, dataset, weights and precision when not given; the
+    dataset only with the run's data; a setting the run left to its default (None) stays unset."""
+    saved = {"data": "/d", "dataset": "imagefolder", "weights": "w.safetensors", "precision": "bf16",
+             "seed": 3, "shots": 4, "templates": "ensemble"}
+    unset = {"data": None, "dataset": "auto", "weights": None, "precision": None, "templates": "single"}
+    assert from_run(saved, unset) == {"data": "/d", "dataset": "imagefolder", "weights": "w.safetensors",
+                                      "precision": "bf16"}
+    assert from_run(saved, {**unset, "data": "/other"}) == {"weights": "w.safetensors", "precision": "bf16"}
+    assert from_run(saved, {**unset, "data": "/d"}) == {"dataset": "imagefolder", "weights": "w.safetensors",
+                                                         "precision": "bf16"}
+    assert from_run(saved, {**unset, "weights": "x", "dataset": "dtd"}) == {"data": "/d", "precision": "bf16"}
+    assert from_run({**saved, "weights": None}, unset).keys() == {"data", "dataset", "precision"}

@@ -2,6 +2,7 @@
 or silently changed, and no result is silently wrong (the drill behind these: README, train/evaluate)."""
 import copy
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -13,7 +14,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from conftest import ENV, cli
-from coop_min import runs
+from coop_min import checkpoint, runs
 from coop_min.clip import CLIP, CLIPConfig, build_clip
 from coop_min.files import atomic_write
 from coop_min.prompts import PromptConfig, build_prompted_clip, load_prompt, nearest_words, save_prompt
@@ -25,8 +26,8 @@ def setup(e2e_setup):
 
 
 def _train(setup, out, *args, weights=None):
-    cmd = cli("coop_min.train", setup, "--shots", "2", "--epochs", "1", "--batch-size", "8", "--print-every", "1",
-              "--output", str(out), *args)
+    cmd = cli("coop_min.train", setup, "--shots", "2", "--epochs", "1", "--batch-size", "8", "--print-every",
+              "1", "--output", str(out), *args)
     if weights is not None:
         cmd[cmd.index("--weights") + 1] = str(weights)
     return subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
@@ -73,12 +74,12 @@ def test_csc_prompt_refuses_other_class_names(tmp_path):
     clip = _tiny_clip(0)
     model = build_prompted_clip(clip, ["cat", "sea_lion", "dog"], PromptConfig(n_ctx=2, csc=True), seed=1)
     save_prompt(tmp_path / "p.safetensors", model, "")
-    same = load_prompt(tmp_path / "p.safetensors", clip, ["cat", "sea lion", "dog"])     # "_" reads as a space
+    same = load_prompt(tmp_path / "p.safetensors", clip, ["cat", "sea lion", "dog"])   # "_" reads as a space
     assert torch.equal(same.learner.ctx, model.learner.ctx)
     with pytest.raises(ValueError, match="class-specific contexts") as e:
         load_prompt(tmp_path / "p.safetensors", clip, ["car", "boat", "tree"])
     assert "\n" not in str(e.value)
-    with pytest.raises(ValueError, match="class-specific contexts"):                    # same names, other order
+    with pytest.raises(ValueError, match="class-specific contexts"):                # same names, other order
         load_prompt(tmp_path / "p.safetensors", clip, ["dog", "cat", "sea lion"])
 
 
@@ -89,7 +90,8 @@ def test_resuming_a_finished_run_prints_its_results_and_changes_nothing(setup, f
     before = _snapshot(run)
     _write_clip(weights, seed=99)                                # the weights file was replaced since
     r = _train(setup, run, "--resume", weights=weights)
-    assert r.returncode == 0 and "is a finished run" in r.stdout and "nothing was changed" in r.stdout, r.stderr
+    assert r.returncode == 0 and "is a finished run" in r.stdout, r.stderr
+    assert "nothing was changed" in r.stdout, r.stderr
     assert _snapshot(run) == before
 
 
@@ -123,7 +125,8 @@ def _learner(clip):
 
 
 def _stepped_optimizer(learner):
-    """SGD with momentum after one step, so that its state holds a momentum buffer (the learner's ctx moves)."""
+    """SGD with momentum after one step, so that its state holds a momentum buffer (the learner's ctx
+    moves)."""
     opt = torch.optim.SGD(learner.parameters(), lr=0.1, momentum=0.9)
     learner.ctx.grad = torch.ones_like(learner.ctx)
     opt.step()
@@ -134,8 +137,8 @@ def _stepped_optimizer(learner):
 def _good_state(learner, opt):
     return {"params": {k: v.clone() for k, v in learner.state_dict().items()},
             "optimizer": copy.deepcopy(opt.state_dict()),              # not the live momentum buffers
-            "epoch": 1, "batch": 0, "metrics_bytes": 0, "torch_rng": torch.get_rng_state(), "clip_sha256": "ab",
-            "progress": [[0.0, 0.0, 0.0], [0.0, 0.0, 0.0]]}
+            "epoch": 1, "batch": 0, "metrics_bytes": 0, "torch_rng": torch.get_rng_state(),
+            "clip_sha256": "ab", "progress": [[0.0, 0.0, 0.0], [0.0, 0.0, 0.0]]}
 
 
 def _set_group(key, value):
@@ -159,7 +162,8 @@ def _same_optimizer_state(a, b):
     (lambda s: s.__setitem__("optimizer", [1, 2]), "optimizer state"),
     (lambda s: s["optimizer"]["state"][0].__setitem__("momentum_buffer", torch.full((2, 64), float("nan"))),
      "momentum buffer"),
-    (lambda s: s["optimizer"]["state"][0].__setitem__("momentum_buffer", torch.zeros(3, 64)), "momentum buffer"),
+    (lambda s: s["optimizer"]["state"][0].__setitem__("momentum_buffer", torch.zeros(3, 64)),
+     "momentum buffer"),
     (_set_group("lr", "0.1"), "optimizer settings"),
     (_set_group("momentum", float("nan")), "optimizer settings"),
     (lambda s: s["optimizer"]["param_groups"][0].pop("weight_decay"), "optimizer settings"),
@@ -174,7 +178,7 @@ def test_a_hostile_state_is_refused_before_anything_is_restored(tmp_path, hostil
     (tmp_path / "metrics.jsonl").write_text("")
     ctx, rng, before = learner.ctx.detach().clone(), torch.get_rng_state(), copy.deepcopy(opt.state_dict())
     with pytest.raises(ValueError, match=message) as e:        # a UsageError: one line at the CLI's edge
-        runs.check_state(state, str(tmp_path), learner, opt, 50, "ab")
+        checkpoint.check_state(state, str(tmp_path), learner, opt, 50, "ab")
     assert "\n" not in str(e.value)
     assert torch.equal(learner.ctx, ctx) and torch.equal(torch.get_rng_state(), rng)
     assert _same_optimizer_state(opt.state_dict(), before), "the optimizer was restored from a refused state"
@@ -190,7 +194,7 @@ def test_a_good_state_restores_the_learner_the_optimizer_and_the_rng(tmp_path):
     learner = _learner(_tiny_clip(0))
     fresh = learner.ctx.detach().clone()
     opt = torch.optim.SGD(learner.parameters(), lr=0.1, momentum=0.9)                 # fresh: no buffer
-    runs.check_state(state, str(tmp_path), learner, opt, 50, "ab")
+    checkpoint.check_state(state, str(tmp_path), learner, opt, 50, "ab")
     assert torch.equal(torch.get_rng_state(), rng)
     assert torch.equal(learner.ctx, state["params"]["ctx"]) and not torch.equal(learner.ctx, fresh)
     assert opt.param_groups[0]["lr"] == 0.25
@@ -211,12 +215,14 @@ def test_a_list_instead_of_a_state_dict_is_refused(setup, finished, tmp_path):
 # failures to fail cleanly
 
 
-@pytest.mark.parametrize("classnames,message", [("123", "list of strings"), ("[1, 2, null]", "list of strings"),
+@pytest.mark.parametrize("classnames,message", [("123", "list of strings"),
+                                                ("[1, 2, null]", "list of strings"),
                                                 ("{not json", "not JSON")])
 def test_prompt_file_with_bad_classnames_names_the_file(tmp_path, classnames, message):
     path = tmp_path / "prompt.safetensors"
     save_file({"ctx": torch.zeros(2, 64)}, str(path), metadata={
-        "method": "coop", "n_ctx": "2", "class_token_position": "end", "csc": "false", "classnames": classnames})
+        "method": "coop", "n_ctx": "2", "class_token_position": "end", "csc": "false",
+        "classnames": classnames})
     with pytest.raises(ValueError, match=message) as e:
         load_prompt(path, _tiny_clip(0))
     assert str(path) in str(e.value) and "\n" not in str(e.value)
@@ -247,8 +253,8 @@ def test_an_unwritable_output_is_refused_before_any_work(setup, tmp_path, module
     blocker = tmp_path / "a_file"
     blocker.write_text("")
     out = blocker / "run"
-    r = subprocess.run(cli(module, setup, *args, "--output", str(out)), env=ENV, capture_output=True, text=True,
-                       timeout=300)
+    r = subprocess.run(cli(module, setup, *args, "--output", str(out)), env=ENV, capture_output=True,
+                       text=True, timeout=300)
     line = _one_line(r)
     assert "cannot be written" in line and f"{blocker} is not a writable folder" in line, line
     assert r.stdout == ""                                   # no progress, no accuracy: nothing ran
@@ -274,7 +280,7 @@ _DISK_FILLS = """
 import os, shutil, sys, torch
 from coop_min import runs, train
 
-save, mode, saved = runs.save_state, sys.argv[1], []
+save, mode, saved = runs.Run.save, sys.argv[1], []
 
 
 def full_disk_save(obj, path):
@@ -283,8 +289,9 @@ def full_disk_save(obj, path):
     raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1344 vs 1238")
 
 
-def save_then_fill(folder, *args):
-    save(folder, *args)
+def save_then_fill(run, *args):
+    save(run, *args)
+    folder = run.folder
     saved.append(folder)
     if len(saved) == 1 and mode == "tmpfs":
         keep = os.path.getsize(os.path.join(folder, "state.pt")) // 2
@@ -296,7 +303,7 @@ def save_then_fill(folder, *args):
         torch.save = full_disk_save
 
 
-runs.save_state = save_then_fill
+runs.Run.save = save_then_fill
 train.main(sys.argv[2:])
 """
 
@@ -315,8 +322,8 @@ def test_a_full_disk_is_one_line_and_keeps_the_last_checkpoint(setup, tmp_path, 
             pytest.skip("mounting a tmpfs needs root and mount(8)")
     try:
         run = disk / "run"
-        cmd = cli("coop_min.train", setup, "--shots", "2", "--epochs", "1", "--batch-size", "8", "--print-every", "1",
-                  "--save-every", "2", "--output", str(run))
+        cmd = cli("coop_min.train", setup, "--shots", "2", "--epochs", "1", "--batch-size", "8",
+                  "--print-every", "1", "--save-every", "2", "--output", str(run))
         cmd[1:3] = ["-c", _DISK_FILLS, mode]
         line = _one_line(subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300))
         assert str(run) in line and "free" in line and "--resume" in line
@@ -375,8 +382,9 @@ def _data_with_a_bad_test_image(setup, tmp_path):
 
 def test_a_bad_test_image_is_found_before_training(setup, tmp_path):
     data, bad = _data_with_a_bad_test_image(setup, tmp_path)
-    cmd = lambda *a: cli("coop_min.train", {**setup, "data": str(data)}, "--shots", "2", "--epochs", "1",  # noqa: E731
-                         "--batch-size", "8", "--output", str(tmp_path / "run"), *a)
+    def cmd(*a):
+        return cli("coop_min.train", {**setup, "data": str(data)}, "--shots", "2", "--epochs", "1",
+                   "--batch-size", "8", "--output", str(tmp_path / "run"), *a)
     r = subprocess.run(cmd(), env=ENV, capture_output=True, text=True, timeout=300)
     line = _one_line(r)
     assert str(bad) in line and "--skip-bad-images" in line and not (tmp_path / "run").exists()
@@ -392,8 +400,8 @@ def test_bare_resume_takes_the_runs_settings_and_refuses_other_ones(setup, finis
     cmd = [cli("coop_min.train", setup)[0], "-m", "coop_min.train", "--resume", "--output", str(run)]
     r = subprocess.run([*cmd, "--shots", "4"], env=ENV, capture_output=True, text=True, timeout=300)
     assert "differ from the run's (shots)" in _one_line(r)
-    r = subprocess.run([*cmd, "--workers", "0", "--print-every", "3"], env=ENV, capture_output=True, text=True,
-                       timeout=300)
+    r = subprocess.run([*cmd, "--workers", "0", "--print-every", "3"], env=ENV, capture_output=True,
+                       text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert json.loads((run / "results.json").read_text())["accuracy"] == \
         json.loads((finished[0] / "results.json").read_text())["accuracy"]
@@ -405,7 +413,8 @@ def test_bare_resume_takes_the_runs_settings_and_refuses_other_ones(setup, finis
 
 
 def test_csc_with_a_phrase_is_one_generic_context_and_reports_new_classes(setup, tmp_path):
-    r = _train(setup, tmp_path / "run", "--epochs", "1", "--csc", "--ctx-init", "a photo of a", "--subsample", "base")
+    r = _train(setup, tmp_path / "run", "--epochs", "1", "--csc", "--ctx-init", "a photo of a",
+               "--subsample", "base")
     assert r.returncode == 0, r.stderr
     assert "csc=True is ignored" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     results = json.loads((tmp_path / "run" / "results.json").read_text())
@@ -432,8 +441,9 @@ def test_interpret_compares_against_the_checkpoints_fp32_embedding(setup, finish
     from safetensors.torch import load_file
 
     run, weights = finished
-    r = subprocess.run(cli("coop_min.evaluate", {**setup, "weights": str(weights)}, "--prompt", str(run),
-                           "--interpret", "3", "--precision", "bf16"), env=ENV, capture_output=True, text=True, timeout=120)
+    cmd = cli("coop_min.evaluate", {**setup, "weights": str(weights)}, "--prompt", str(run),
+              "--interpret", "3", "--precision", "bf16")
+    r = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     ctx = load_file(str(run / "prompt.safetensors"))["ctx"]
     ids, _ = nearest_words(ctx, load_clip(weights).token_embedding, 3)
@@ -444,7 +454,8 @@ def test_interpret_compares_against_the_checkpoints_fp32_embedding(setup, finish
 
 def test_progress_means_rate_and_eta_on_a_fake_clock():
     now = [100.0]
-    progress = runs.Progress(steps_left=10, clock=lambda: now[0])
+    from coop_min.progress import Progress
+    progress = Progress(steps_left=10, clock=lambda: now[0])
     for loss, correct in ((2.0, 4), (1.0, 8)):                 # two steps of 8 images, 2 s each
         now[0] += 2.0
         progress.step()
@@ -454,11 +465,33 @@ def test_progress_means_rate_and_eta_on_a_fake_clock():
     progress.step()
     progress.add(0.5 * 8, 8, 8)
     assert progress.line() == "loss 0.5000 acc 100.0% 0.1 img/s eta 2.5 min"   # 7 left at the run's 64/3 s
-    assert progress.epoch_means() == {"mean_loss": round(3.5 * 8 / 24, 6), "mean_acc": round(100 * 20 / 24, 4)}
+    assert progress.epoch_means() == {"mean_loss": round(3.5 * 8 / 24, 6),
+                                      "mean_acc": round(100 * 20 / 24, 4)}
+
+
+def test_progress_lines_come_every_few_seconds_and_at_the_last_step():
+    """A line at the first metrics line (an early ETA), then at the first after every PRINT_SECONDS,
+    and at the run's last step, however many metrics lines come between."""
+    from coop_min.progress import PRINT_SECONDS, Progress, duration
+    now = [0.0]
+    progress = Progress(steps_left=400, clock=lambda: now[0])
+    printed = []
+    for step in range(400):                  # 0.4 s a step: 160 s, a metrics line every step
+        now[0] += 0.4
+        progress.step()
+        progress.add(1.0, 1, 1)
+        if progress.due():
+            printed.append(step)
+            progress.line()
+    assert printed[0] == 0 and printed[-1] == 399
+    gaps = [b - a for a, b in zip(printed[:-1], printed[1:-1])]          # in steps of 0.4 s
+    assert gaps == [math.ceil(PRINT_SECONDS / 0.4)] * len(gaps) and 25 <= len(printed) <= 40
+    assert (duration(0.42), duration(42), duration(150)) == ("0.4s", "42s", "2.5 min")
 
 
 def test_a_closed_stdout_pipe_does_not_stop_the_run(setup, tmp_path):
-    """`python -m coop_min.train ... | head -1`: the reader goes away, the run finishes and log.txt has it all."""
+    """`python -m coop_min.train ... | head -1`: the reader goes away, the run finishes and log.txt has
+    it all."""
     run = tmp_path / "run"
     proc = subprocess.Popen(cli("coop_min.train", setup, "--shots", "1", "--epochs", "2", "--batch-size", "4",
                                 "--print-every", "1", "--output", str(run)),

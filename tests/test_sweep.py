@@ -16,6 +16,7 @@ from PIL import Image
 
 from conftest import ENV
 from coop_min import data, summarize, sweep
+from coop_min.runs import backbone
 
 
 def _dataset(root, demo, folder, name, labels):
@@ -75,7 +76,7 @@ def test_interrupted_sweep_continues_and_summarize_gives_the_means_of_its_runs(r
     for path, r in results.items():                                     # the official layout
         rel = path.parent.relative_to(out).parts
         assert rel[0] in ("dtd", "oxford_pets") and rel[1] == f"shots_{r['shots']}" and rel[2] == "coop"
-        assert rel[3] == "tiny_clip_nctx16_cscFalse_ctpend" and rel[4] == f"seed{r['seed']}"
+        assert rel[3] == "tiny_clip_nctx16_cscFalse_ctpend_ep1_bs4" and rel[4] == f"seed{r['seed']}"
 
     r = subprocess.run([sys.executable, "-m", "coop_min.summarize", str(out), "--output", str(tmp_path / "summary")],
                        env=ENV, capture_output=True, text=True, timeout=120)
@@ -97,9 +98,10 @@ def test_interrupted_sweep_continues_and_summarize_gives_the_means_of_its_runs(r
         assert f"| {name} | {statistics.mean(by_cell[(name, 'zero-shot')]):.2f} | {cells[0]} | {cells[1]} |" in table
     average = statistics.mean(statistics.mean(by_cell[(d, "2")]) for d in ("DescribableTextures", "OxfordPets"))
     assert table.split("| Average |")[1].splitlines()[0].endswith(f"| {average:.2f} |")      # 2 shots: the last column
-    for name in ("DescribableTextures", "OxfordPets", "Average"):
-        with Image.open(tmp_path / "summary" / f"few_shot_{name}.png") as img:
-            assert img.size == summarize.SHOTS_SIZE
+    with Image.open(tmp_path / "summary" / "few_shot.png") as img:    # a panel per dataset and the Average
+        assert img.width > img.height > 0
+    svg = (tmp_path / "summary" / "few_shot.svg").read_text()
+    assert all(f">{name}</text>" in svg for name in ("DescribableTextures", "OxfordPets", "Average"))
 
 
 def test_print_commands_gives_one_command_per_run(root, capsys):
@@ -126,7 +128,7 @@ def test_protocols_take_the_papers_defaults(root):
         "base2new", "dtd", "shots_16", "coop", "tiny_clip_nctx4_cscFalse_ctpend_ctxv1", "seed1")
     args, extras = sweep.parse_args(["--data", str(root), "--protocol", "few-shot", "--datasets", "dtd"])
     assert [j.argv[j.argv.index("--shots") + 1] for j in sweep.plan(args, extras)][::3] == ["1", "2", "4", "8", "16"]
-    assert sweep.backbone("ViT-B/16") == "vit_b16" and sweep.backbone("/w/RN50.safetensors") == "rn50"
+    assert backbone("ViT-B/16") == "vit_b16" and backbone("/w/RN50.safetensors") == "rn50"
 
 
 def test_dataset_names_and_folders_are_the_loaders(root):
@@ -139,7 +141,11 @@ def test_dataset_names_and_folders_are_the_loaders(root):
 @pytest.mark.parametrize("args, message", [
     (["--datasets", "sun397"], "has no sun397 (folder sun397)"),
     (["--datasets", "dtd", "--seed", "1"], "--seed is not a sweep flag (use --seeds)"),
-    (["--datasets", "mnist"], "unknown dataset 'mnist'"),
+    (["--datasets", "mnist"], "has no folder mnist; --datasets takes the official names"),
+    (["--datasets", "dtd", "--grid", "n-ctx=4,8", "--n-ctx", "2"], "--n-ctx is given twice"),
+    (["--datasets", "dtd", "--grid", "nctx=4,8"], "expected a train flag and its values"),
+    (["--datasets", "dtd", "--grid", "seed=1,2"], "--seed is not a sweep flag (use --seeds)"),
+    (["--datasets", "dtd", "--method", "linear-probe", "--n-ctx", "4"], "--n-ctx is not a linear-probe setting"),
     (["--datasets", "dtd", "--shots", "1,x"], "comma-separated integers"),
     (["--datasets", "imagenetv2"], "test-only"),
     (["--datasets", "dtd", "--devices", "gpu0"], "--devices takes cpu or CUDA indices"),
@@ -182,7 +188,7 @@ def test_summarize_tables_of_partial_base2new_and_transfer_results(tmp_path):
     text, _ = summarize.summarize(str(runs), str(tmp_path / "out"))
     # per dataset: H of the mean base (91) and mean new (62), 2 * 91 * 62 / 153 = 73.7516; EuroSAT has one seed of two
     assert "| Caltech101 | CoOp | 91.00 ± 1.00 | 62.00 ± 2.00 | 73.75 |" in text
-    assert "| EuroSAT | CoOp | 80.00 ± 0.00 (1/2) | 40.00 ± 0.00 (1/2) |" in text
+    assert "| EuroSAT | CoOp | 80.00 (1/2) | 40.00 (1/2) |" in text        # one seed: its value, no std
     # the average row: mean base (85.5) and mean new (51) over datasets, then H of those: 8721 / 136.5 = 63.8901
     assert "| Average | CoOp | 85.50 | 51.00 | 63.89 |" in text
     assert "| Average | zero-shot CLIP | 50.00 | 70.00 | 58.33 |" in text                # 7000 / 120
@@ -190,8 +196,10 @@ def test_summarize_tables_of_partial_base2new_and_transfer_results(tmp_path):
     assert "| CoOp | 71.00 ± 1.00 | 61.00 ± 1.00 | 61.00 |" in text
     assert "| 16 shots |" in text and "| ImageNet | 66.00 | 71.00 ± 1.00 |" in text
     assert "(1 results.json left out" in text
+    assert "\"(n/m)\": n seeds of the m" in text
     with Image.open(tmp_path / "out" / "base2new.png") as img:
-        assert img.size == summarize.BARS_SIZE
+        assert img.width > 0
+    assert (tmp_path / "out" / "base2new.svg").read_text().startswith("<svg")
     with open(tmp_path / "out" / "base2new.csv") as f:
         eurosat = [row for row in csv.DictReader(f) if row["dataset"] == "EuroSAT" and row["method"] == "CoOp"]
     assert [(row["column"], row["seed_1"], row["seed_2"]) for row in eurosat] == [("base", "80.0000", "-"),
@@ -226,3 +234,56 @@ def test_a_sweep_started_ignoring_sigint_still_stops_on_sigint(root, tmp_path):
     assert proc.returncode == 130, (proc.returncode, stdout, stderr)
     assert len(stderr.strip().splitlines()) == 1 and stderr.startswith("interrupted"), stderr
     assert not _results(out)                 # its run was stopped too, before it finished
+
+
+def test_a_grid_gives_each_combination_its_own_run_folders(root):
+    args, extras = sweep.parse_args(["--data", str(root), "--protocol", "few-shot", "--datasets", "dtd", "--shots",
+                                     "1", "--seeds", "1", "--grid", "class-token-position=end,middle",
+                                     "--grid", "csc=off,on", "--epochs", "1"])
+    jobs = sweep.plan(args, extras)
+    settings = [os.path.basename(os.path.dirname(j.folder)) for j in jobs]
+    assert settings == ["tiny_clip_nctx16_cscFalse_ctpend_ep1", "tiny_clip_nctx16_cscTrue_ctpend_ep1",
+                        "tiny_clip_nctx16_cscFalse_ctpmiddle_ep1", "tiny_clip_nctx16_cscTrue_ctpmiddle_ep1"]
+    assert ["--csc" in j.argv for j in jobs] == [False, True, False, True]
+    assert [j.argv[j.argv.index("--class-token-position") + 1] for j in jobs] == ["end", "end", "middle", "middle"]
+    assert all(j.argv[j.argv.index("--epochs") + 1] == "1" for j in jobs)
+    # a run in the way must hold its combination
+    assert [j.expect["class_token_position"] for j in jobs] == ["end", "end", "middle", "middle"]
+
+
+def test_a_folder_of_ones_own_is_a_dataset_named_after_it(root, tmp_path):
+    mine = tmp_path / "data" / "garden_flowers"
+    for c in ("rose", "tulip"):
+        (mine / c).mkdir(parents=True)
+        for i in range(5):
+            Image.new("RGB", (8, 8), (40 * i, 0, 0)).save(mine / c / f"{i}.png")
+    assert data.load_dataset(str(mine)).name == "garden_flowers"
+    assert data.load_dataset(str(mine), "imagefolder").name == "garden_flowers"
+    args, extras = sweep.parse_args(["--data", str(tmp_path / "data"), "--protocol", "few-shot", "--datasets",
+                                     "garden_flowers", "--shots", "1", "--seeds", "1"])
+    [job] = sweep.plan(args, extras)
+    assert os.path.relpath(job.folder, args.output).split(os.sep)[:2] == ["garden_flowers", "shots_1"]
+    assert job.argv[job.argv.index("--data") + 1] == str(mine)
+    assert job.argv[job.argv.index("--dataset") + 1] == "auto"
+
+
+def test_summarize_never_pools_runs_of_other_settings_and_says_how_rows_differ(tmp_path):
+    """Runs of one dataset and shot count with the paper's epochs and with --epochs 2 (CoOp at 1 shot: 50
+    epochs), and on two data folders: three rows, never one cell."""
+    out = tmp_path / "runs"
+    rows = (("a", 50, "/d1/dtd", 1, 40.0), ("b", 50, "/d1/dtd", 2, 42.0), ("c", 2, "/d1/dtd", 1, 10.0),
+            ("d", 50, "/d2/dtd", 1, 70.0))
+    for name, epochs, folder, seed, acc in rows:
+        r, config = _run("DescribableTextures", 1, seed, acc, 30.0)
+        config.update(epochs=epochs, batch_size=32, lr=0.002, data=folder, n_ctx=16, ctx_init="")
+        r.update(train_seconds=10.0 * seed, images_per_second=5.0 * seed, peak_memory_bytes=None)
+        _write(out / name, r, config)
+    text, tables = summarize.summarize(str(out), str(tmp_path / "summary"))
+    assert len(tables["few_shot"]) == 3
+    assert "Rows differ in: data, training." in text
+    assert "### CoOp (data d1, training as the paper)\n\n| dataset | zero-shot CLIP | 1 shot |" in text
+    assert "| DescribableTextures | 30.00 | 41.00 ± 1.00 |" in text           # seeds 1 and 2 of a and b
+    assert "### CoOp (data d1, training epochs 2)\n" in text and "| DescribableTextures | 30.00 | 10.00 |" in text
+    assert "### CoOp (data d2, training as the paper)\n" in text and "| DescribableTextures | 30.00 | 70.00 |" in text
+    # compute: a and b, 10 s and 20 s per run, 5 and 10 images/s: means 15 s and 7.5
+    assert "| CoOp (data d1, training as the paper) | 2 | 15.0 s | 7.5 | - |" in text

@@ -23,8 +23,10 @@ _cmd = cli
 
 
 def _train(setup, out, *args):
-    args = ["--shots", "2", "--epochs", "3", "--batch-size", "8", "--print-every", "1", "--output", str(out), *args]
-    return subprocess.run(_cmd("coop_min.train", setup, *args), env=ENV, capture_output=True, text=True, timeout=300)
+    args = ["--shots", "2", "--epochs", "3", "--batch-size", "8", "--print-every", "1", "--output", str(out),
+            *args]
+    return subprocess.run(_cmd("coop_min.train", setup, *args), env=ENV, capture_output=True, text=True,
+                          timeout=300)
 
 
 def test_training_writes_every_run_output_and_evaluate_agrees(setup):
@@ -39,7 +41,7 @@ def test_training_writes_every_run_output_and_evaluate_agrees(setup):
     b, n = results["base"], results["new"]
     assert results["harmonic_mean"] == pytest.approx(2 * b * n / (b + n))
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [m["lr"] for m in lines if m.get("batch") == 1][:2] == [1e-5, 0.002]   # warm-up epoch, then the peak
+    assert [m["lr"] for m in lines if m.get("batch") == 1][:2] == [1e-5, 0.002]   # warm-up, then the peak
     config = json.loads((out / "config.json").read_text())
     assert (config["n_ctx"], config["ctx_init"], config["lr"], config["momentum"]) == (16, "", 0.002, 0.9)
     assert not (out / ".lock").exists()                  # a finished run keeps no lock
@@ -53,8 +55,28 @@ def test_training_writes_every_run_output_and_evaluate_agrees(setup):
     # a second run into the same folder must not overwrite it
     r = _train(setup, out)
     assert r.returncode == 2 and "already holds a run" in r.stderr and len(r.stderr.strip().splitlines()) == 1
-    r = _train(setup, out, "--weights", str(setup["root"] / "missing.safetensors"))   # the more useful error first
+    r = _train(setup, out, "--weights", str(setup["root"] / "missing.safetensors"))   # the more useful error
     assert r.returncode == 2 and "CLIP weights not found" in r.stderr, r.stderr
+
+
+def test_results_say_what_training_and_evaluation_cost(setup, tmp_path):
+    """A run's results.json: train_seconds, images_per_second (the images of every step over
+    train_seconds, counted here from the epochs, the full batches and the batch size) and
+    peak_memory_bytes (None on the CPU); evaluate's results.json: its seconds."""
+    out = tmp_path / "run"
+    t0 = time.monotonic()
+    assert _train(setup, out, "--epochs", "2").returncode == 0
+    wall = time.monotonic() - t0
+    results = json.loads((out / "results.json").read_text())
+    n_train = len(json.loads((out / "split.json").read_text())["train"])    # 36 classes x 2 shots
+    images = 2 * (n_train // 8) * 8                                          # Dassl drops a partial batch
+    assert 0 < results["train_seconds"] < wall
+    assert results["images_per_second"] == pytest.approx(images / results["train_seconds"], rel=1e-9)
+    assert results["peak_memory_bytes"] is None                             # a CPU run
+    r = subprocess.run(_cmd("coop_min.evaluate", setup, "--zero-shot", "--output", str(tmp_path / "eval")),
+                       env=ENV, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "eval" / "results.json").read_text())["seconds"] > 0
 
 
 def test_evaluate_at_the_runs_precision_reproduces_its_accuracy(setup, tmp_path):
@@ -64,7 +86,8 @@ def test_evaluate_at_the_runs_precision_reproduces_its_accuracy(setup, tmp_path)
     assert _train(setup, out, "--epochs", "1", "--precision", "bf16").returncode == 0
     accuracy = json.loads((out / "results.json").read_text())["accuracy"]
     r = subprocess.run(_cmd("coop_min.evaluate", setup, "--prompt", str(out), "--precision", "bf16",
-                            "--output", str(tmp_path / "eval")), env=ENV, capture_output=True, text=True, timeout=300)
+                            "--output", str(tmp_path / "eval")), env=ENV, capture_output=True, text=True,
+                       timeout=300)
     assert r.returncode == 0, r.stderr
     assert json.loads((tmp_path / "eval" / "results.json").read_text())["accuracy"] == accuracy
 
@@ -73,13 +96,14 @@ def test_killed_run_resumes_bit_identical(setup):
     full, killed = setup["root"] / "full", setup["root"] / "killed"
     args = ("--epochs", "4", "--save-every", "1")
     assert _train(setup, full, *args).returncode == 0
-    cmd = _cmd("coop_min.train", setup, "--shots", "2", "--epochs", "4", "--batch-size", "8", "--print-every", "1",
-               "--output", str(killed), *args)
+    cmd = _cmd("coop_min.train", setup, "--shots", "2", "--epochs", "4", "--batch-size", "8", "--print-every",
+               "1", "--output", str(killed), *args)
     proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     metrics = killed / "metrics.jsonl"
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:     # kill in the middle of epoch 2
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= 12:   # 10 lines per epoch: 9 steps and the epoch
+        # 10 lines per epoch: 9 steps and the epoch
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 12:
             proc.send_signal(signal.SIGKILL)
             break
         time.sleep(0.005)
@@ -129,7 +153,8 @@ def test_evaluate_interprets_context_and_classifies_one_image(setup, tmp_path):
                        env=ENV, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     lines = [line for line in r.stdout.splitlines() if line[:1].isdigit()]
-    assert len(lines) == 16 and all(line.count("'") >= 12 for line in lines)   # M=16 rows of 3 tokens + distances
+    # M=16 rows of 3 tokens and their distances
+    assert len(lines) == 16 and all(line.count("'") >= 12 for line in lines)
     split = json.loads((out / "split.json").read_text())
     image = os.path.join(split["root"], split["test"][0][0])
     r = subprocess.run(_cmd("coop_min.evaluate", setup, "--prompt", str(out), "--image", image),
@@ -150,8 +175,8 @@ def test_evaluate_interprets_context_and_classifies_one_image(setup, tmp_path):
     printed = [line.split("%", 1)[1].strip() for line in rows]
     assert printed == [model.learner.classnames[i] for i in top.indices.tolist()]
     assert probs == pytest.approx([100 * p for p in top.values.tolist()], abs=0.01)
-    r = subprocess.run(_cmd("coop_min.evaluate", setup, "--image", image), env=ENV, capture_output=True, text=True,
-                       timeout=120)                      # zero-shot, with the dataset's template
+    r = subprocess.run(_cmd("coop_min.evaluate", setup, "--image", image), env=ENV, capture_output=True,
+                       text=True, timeout=120)           # zero-shot, with the dataset's template
     header, *rows = r.stdout.strip().splitlines()
     assert r.returncode == 0 and len(rows) == 5, r.stderr
     assert "zero-shot CLIP (no --prompt given)" in header, header
@@ -214,13 +239,15 @@ def test_evaluate_never_overwrites_results_and_names_a_bad_prompt_file(setup, tm
     (out / "results.json").write_text('{"accuracy": 1.0}')
     r = subprocess.run(_cmd("coop_min.evaluate", setup, "--zero-shot", "--output", str(out)),
                        env=ENV, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2 and "already holds a results.json" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert r.returncode == 2 and "already holds a results.json" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
     assert (out / "results.json").read_text() == '{"accuracy": 1.0}'
     bad = tmp_path / "prompt.safetensors"
     bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
     r = subprocess.run(_cmd("coop_min.evaluate", setup, "--prompt", str(bad)), env=ENV, capture_output=True,
                        text=True, timeout=120)
-    assert r.returncode == 2 and "cannot read prompt file" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert r.returncode == 2 and "cannot read prompt file" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
 
 
 def test_wrong_files_and_flag_combinations_get_one_line(setup, tmp_path):
@@ -230,7 +257,8 @@ def test_wrong_files_and_flag_combinations_get_one_line(setup, tmp_path):
     save_file({"a": torch.zeros(3)}, str(unrelated))
     cases = [("coop_min.train", ["--data", setup["weights"]], "is a file, not a folder"),
              ("coop_min.evaluate", ["--weights", str(unrelated)], "holds no CLIP that loads"),
-             ("coop_min.evaluate", ["--prompt", str(unrelated), "--templates", "ensemble"], "--templates is for zero-shot")]
+             ("coop_min.evaluate", ["--prompt", str(unrelated), "--templates", "ensemble"],
+              "--templates is for zero-shot")]
     for module, args, message in cases:
         r = subprocess.run(_cmd(module, setup, "--output", str(tmp_path / "out"), *args), env=ENV,
                            capture_output=True, text=True, timeout=120)
@@ -247,7 +275,7 @@ def test_a_context_phrase_sets_and_records_m(setup, tmp_path):
 
 def test_the_captured_step_is_the_cuda_default_and_can_be_turned_off():
     from coop_min.train import parse_args
-    assert parse_args(["--data", "x"]).cuda_graph is None                 # resolved by run(): CUDA, one process
+    assert parse_args(["--data", "x"]).cuda_graph is None          # resolved by run(): CUDA, one process
     assert parse_args(["--data", "x", "--cuda-graph"]).cuda_graph is True
     assert parse_args(["--data", "x", "--no-cuda-graph"]).cuda_graph is False
 
@@ -271,8 +299,8 @@ def test_the_default_run_folder_is_the_sweeps_layout_and_tells_runs_apart():
     assert folder(weights="ViT-B/16", epochs=5, shots=1) == os.path.join(
         "runs", "dtd", "shots_1", "coop", "vit_b16_nctx16_cscFalse_ctpend_ep5", "seed1")
     assert folder(epochs=200, batch_size=32) == folder()          # the paper's values name no tag
-    assert len({folder(), folder(weights="RN50"), folder(epochs=10), folder(lr=0.01), folder(precision="bf16"),
-                folder(batch_size=8), folder(seed=2), folder(method="cocoop")}) == 8
+    assert len({folder(), folder(weights="RN50"), folder(epochs=10), folder(lr=0.01),
+                folder(precision="bf16"), folder(batch_size=8), folder(seed=2), folder(method="cocoop")}) == 8
 
 
 def test_templates_ensemble_gives_the_zero_shot_row_evaluate_gives(setup, tmp_path):

@@ -1,7 +1,8 @@
 """Paper defaults and the learning-rate schedule, against the values of the official code."""
 import pytest
 
-from coop_min.train import TrainConfig, learning_rate, paper_epochs, resolve
+from coop_min.options import paper_epochs
+from coop_min.train import TrainConfig, learning_rate, resolve
 
 
 def test_lr_schedule_matches_dassl_constant_warmup_then_cosine():
@@ -21,7 +22,8 @@ def test_paper_epochs_per_method_shots_and_dataset(method, shots, name, epochs):
 
 def test_resolve_fills_method_defaults():
     coop = resolve(TrainConfig(device="cpu"), "Caltech101")
-    assert (coop.n_ctx, coop.ctx_init, coop.batch_size, coop.epochs, coop.precision) == (16, "", 32, 200, "fp32")
+    assert (coop.n_ctx, coop.ctx_init, coop.batch_size, coop.epochs, coop.precision) == \
+        (16, "", 32, 200, "fp32")
     cocoop = resolve(TrainConfig(method="cocoop", device="cpu"), "Caltech101")
     assert (cocoop.n_ctx, cocoop.ctx_init, cocoop.batch_size, cocoop.epochs) == (4, "a photo of a", 1, 10)
     assert resolve(TrainConfig(device="cuda"), "X").precision == "bf16"

@@ -23,7 +23,8 @@ def test_device_lr_sgd_equals_torch_sgd_over_many_steps_with_momentum_and_weight
     for step in range(60):
         for opt in (opt_ours, opt_ref):
             for group in opt.param_groups:
-                group["lr"] = 1e-5 if step < 5 else 0.001 * (1 + torch.cos(torch.tensor(step / 60 * 3.1416)).item())
+                cosine = torch.cos(torch.tensor(step / 60 * 3.1416)).item()
+                group["lr"] = 1e-5 if step < 5 else 0.001 * (1 + cosine)
         for params, opt in ((ours, opt_ours), (ref, opt_ref)):
             loss = ((params[0] + params[1] - target) ** 2).sum()
             opt.zero_grad()
