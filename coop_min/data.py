@@ -73,7 +73,8 @@ class DatasetSplits:
 
 
 # official NAME -> (folder under the data root, folder that the split file's paths are relative to)
-# the official configs/datasets/<name>.yaml names (sweep's --datasets, run folders) -> (the loader's NAME, folder under --data)
+# the official configs/datasets/<name>.yaml names (sweep's --datasets, run folders)
+# -> (the loader's NAME, folder under --data)
 DATASETS = {
     "imagenet": ("ImageNet", "imagenet"), "caltech101": ("Caltech101", "caltech-101"),
     "oxford_pets": ("OxfordPets", "oxford_pets"), "stanford_cars": ("StanfordCars", "stanford_cars"),
@@ -112,12 +113,14 @@ _IMAGENET_VARIANTS = {
 }
 _FOLDERS = {name: folder for name, (folder, _) in _SPLIT_FILE_DATASETS.items()} | {
     "FGVCAircraft": "fgvc_aircraft", "ImageNet": "imagenet", "ImageNetV2": "imagenetv2",
-    "ImageNetSketch": "imagenet-sketch", "ImageNetA": "imagenet-adversarial", "ImageNetR": "imagenet-rendition",
+    "ImageNetSketch": "imagenet-sketch", "ImageNetA": "imagenet-adversarial",
+    "ImageNetR": "imagenet-rendition",
 }
 # datasets whose official fallback without a split file is DTD's folder split: (ignored folders, renames)
 _FOLDER_SPLIT_FIXES = {
     "Caltech101": (("BACKGROUND_Google", "Faces_easy"),
-                   {"airplanes": "airplane", "Faces": "face", "Leopards": "leopard", "Motorbikes": "motorbike"}),
+                   {"airplanes": "airplane", "Faces": "face", "Leopards": "leopard",
+                    "Motorbikes": "motorbike"}),
     "EuroSAT": ((), {"AnnualCrop": "Annual Crop Land", "Forest": "Forest",
                      "HerbaceousVegetation": "Herbaceous Vegetation Land", "Highway": "Highway or Road",
                      "Industrial": "Industrial Buildings", "Pasture": "Pasture Land",
@@ -126,8 +129,10 @@ _FOLDER_SPLIT_FIXES = {
     "DescribableTextures": ((), {}),
     "Food101": ((), {}),
 }
-_IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # torchvision's
-_LAYOUTS = ("split_zhou_<Name>.json, FGVCAircraft variants.txt, ImageNet images/{train,val} + classnames.txt, "
+# torchvision's
+_IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+_LAYOUTS = ("split_zhou_<Name>.json, FGVCAircraft variants.txt, "
+            "ImageNet images/{train,val} + classnames.txt, "
             "imagenetv2-matched-frequency-format-val/, imagenet-sketch images/, imagenet-a/, imagenet-r/, "
             "class_name/image.jpg folders")
 
@@ -137,7 +142,8 @@ _LAYOUTS = ("split_zhou_<Name>.json, FGVCAircraft variants.txt, ImageNet images/
 
 
 def detect_dataset(root):
-    """The NAME of the dataset at `root`: its own folder, or a data root holding exactly one official folder."""
+    """The NAME of the dataset at `root`: its own folder, or a data root holding exactly one official
+    folder."""
     root = _check_dir(root)
     found = _detect_in(root)
     if not found:  # a data root: children with the official folder names
@@ -147,12 +153,14 @@ def detect_dataset(root):
     if len(found) > 1:
         raise ValueError(f"{root} holds several datasets ({', '.join(found)}); pass --dataset NAME")
     if not found:
-        raise ValueError(f"no known dataset layout in {root}; expected one of: {_LAYOUTS} (see CoOp's DATASETS.md)")
+        raise ValueError(f"no known dataset layout in {root}; "
+                         f"expected one of: {_LAYOUTS} (see CoOp's DATASETS.md)")
     return found[0]
 
 
 def load_dataset(root, name="auto", split_seed=1) -> DatasetSplits:
-    """Read a dataset's full train/val/test splits. `split_seed` seeds only the folder splits (imagefolder)."""
+    """Read a dataset's full train/val/test splits. `split_seed` seeds only the folder splits
+    (imagefolder)."""
     root = os.path.abspath(_check_dir(root))
     name = detect_dataset(root) if name == "auto" else _canonical_name(name, root)
     folder = _FOLDERS.get(name)
@@ -192,7 +200,8 @@ def _detect_in(d):
         return []
     split_files = sorted(f for f in os.listdir(d) if f.startswith("split_zhou_") and f.endswith(".json"))
     if len(split_files) > 1:
-        raise ValueError(f"{d} holds several split files ({', '.join(split_files)}); keep one, or pass --dataset NAME")
+        raise ValueError(f"{d} holds several split files ({', '.join(split_files)}); "
+                         "keep one, or pass --dataset NAME")
     if split_files:
         return [split_files[0][len("split_zhou_"):-len(".json")]]
     has = lambda *p: os.path.exists(os.path.join(d, *p))  # noqa: E731
@@ -225,7 +234,8 @@ def _read_split_file(d, name, split_seed):
     image_dir = os.path.join(d, _SPLIT_FILE_DATASETS.get(name, (None, "images"))[1])
     if not os.path.isfile(path):
         if name in _FOLDER_SPLIT_FIXES and os.path.isdir(image_dir):
-            warnings.warn(f"{path} not found: using a seeded 50/20/30 split of {image_dir} (split_seed={split_seed}); "
+            warnings.warn(f"{path} not found: using a seeded 50/20/30 split of {image_dir} "
+                          f"(split_seed={split_seed}); "
                           "it is not the authors' fixed split, so results are not comparable to the papers")
             return _split_folder(image_dir, name, split_seed, *_FOLDER_SPLIT_FIXES[name], root=d)
         raise ValueError(f"split file {path} not found; download it (links in CoOp's DATASETS.md) "
@@ -277,13 +287,15 @@ def _read_imagenet_variant(d, name):
     if name == "ImageNetV2":  # folder i holds class i, the i-th line of classnames.txt
         wnids, folders = list(names), [str(i) for i in range(len(names))]
         if _subdirs(image_dir) != sorted(folders):
-            raise ValueError(f"{image_dir} must hold folders 0..{len(names) - 1}, one per line of {names_path}")
+            raise ValueError(f"{image_dir} must hold folders 0..{len(names) - 1}, "
+                             f"one per line of {names_path}")
     else:  # label = index in the sorted wnid folders (README.txt and other files are not folders)
         wnids = folders = _subdirs(image_dir)
     classnames = [_lookup(names, w, names_path) for w in wnids]
     imagenet_index = {w: i for i, w in enumerate(sorted(names))}  # ImageNet's labels: its sorted wnid folders
     test = _list_classes(image_dir, folders, classnames)
-    return DatasetSplits(name, [], [], test, classnames, d, imagenet_labels=[imagenet_index[w] for w in wnids])
+    return DatasetSplits(name, [], [], test, classnames, d,
+                         imagenet_labels=[imagenet_index[w] for w in wnids])
 
 
 def _split_folder(image_dir, name, seed, ignored=(), renames=None, root=None):
@@ -299,9 +311,11 @@ def _split_folder(image_dir, name, seed, ignored=(), renames=None, root=None):
         rng.shuffle(files)
         n_train, n_val = round(len(files) * 0.5), round(len(files) * 0.2)
         if min(n_train, n_val, len(files) - n_train - n_val) == 0:
-            raise ValueError(f"class folder {c!r} in {image_dir} has {len(files)} images; a 50/20/30 split needs at least 4")
+            raise ValueError(f"class folder {c!r} in {image_dir} has {len(files)} images; "
+                             "a 50/20/30 split needs at least 4")
         name_c = (renames or {}).get(c, c)
-        for part, chunk in zip(splits, (files[:n_train], files[n_train:n_train + n_val], files[n_train + n_val:])):
+        for part, chunk in zip(splits, (files[:n_train], files[n_train:n_train + n_val],
+                                        files[n_train + n_val:])):
             part.extend(Datum(f, label, name_c) for f in chunk)
     classnames = [(renames or {}).get(c, c) for c in classes]
     return DatasetSplits(name, *splits, classnames, root or image_dir)
@@ -318,7 +332,8 @@ def _read_json(path):
 def _read_rows(split, prefix, source):
     """{"train"|"val"|"test": [[relpath, label, classname], ...]} -> three lists of Datum under `prefix`."""
     try:
-        return [[Datum(os.path.join(prefix, rel), int(y), c) for rel, y, c in split[k]] for k in ("train", "val", "test")]
+        return [[Datum(os.path.join(prefix, rel), int(y), c) for rel, y, c in split[k]]
+                for k in ("train", "val", "test")]
     except (KeyError, TypeError, ValueError) as e:
         raise ValueError(f"{source} is not a split file ({type(e).__name__}: {e}); expected "
                          '{"train"|"val"|"test": [[relpath, label, classname], ...]}') from None
@@ -333,12 +348,14 @@ def _read_lines(path):
 
 def _read_wnid_names(path):
     """classnames.txt: "<wnid> <class name words>" per line -> {wnid: name}, in file order."""
-    return {w: name for w, _, name in (line.strip().partition(" ") for line in _read_lines(path) if line.strip())}
+    return {w: name
+            for w, _, name in (line.strip().partition(" ") for line in _read_lines(path) if line.strip())}
 
 
 def _lookup(names, wnid, source):
     if wnid not in names:
-        raise ValueError(f"class folder {wnid} has no line in the classnames.txt of {source}; use ImageNet's classnames.txt")
+        raise ValueError(f"class folder {wnid} has no line in the classnames.txt of {source}; "
+                         "use ImageNet's classnames.txt")
     return names[wnid]
 
 
@@ -369,7 +386,8 @@ def _classnames(items, source):
     name_of = {}
     for d in items:
         if name_of.setdefault(d.label, d.classname) != d.classname:
-            raise ValueError(f"{source}: label {d.label} is named both {name_of[d.label]!r} and {d.classname!r}")
+            raise ValueError(f"{source}: label {d.label} is named both {name_of[d.label]!r} "
+                             f"and {d.classname!r}")
     if sorted(name_of) != list(range(len(name_of))):
         raise ValueError(f"{source}: labels must be 0..{len(name_of) - 1}, got {sorted(name_of)[:5]}...")
     return [name_of[y] for y in range(len(name_of))]
@@ -378,7 +396,8 @@ def _classnames(items, source):
 def _check_files(items, source):
     missing = [d.path for d in items if not os.path.isfile(d.path)]
     if missing:
-        raise ValueError(f"{len(missing)} of {len(items)} images listed in {source} are missing or not files, "
+        raise ValueError(f"{len(missing)} of {len(items)} images listed in {source} "
+                         "are missing or not files, "
                          f"first: {missing[0]} ({_not_a_file(missing[0])}); "
                          "check that --data points at the complete dataset")
 
@@ -409,7 +428,8 @@ def sample_few_shot(items, shots, seed, strict=True):
     out = []
     for group in by_label.values():
         if len(group) < shots and strict:
-            raise ValueError(f"class {group[0].label} ({group[0].classname!r}) has {len(group)} training images, "
+            raise ValueError(f"class {group[0].label} ({group[0].classname!r}) "
+                             f"has {len(group)} training images, "
                              f"fewer than --shots {shots}; lower --shots")
         out.extend(rng.sample(group, shots) if len(group) >= shots else group)
     return out
@@ -419,7 +439,8 @@ def few_shot(splits, shots, seed):
     """CoOp's few-shot splits: `shots` train images per class, then min(shots, 4) val images per class,
     drawn in that order from one random.Random(seed). Test stays whole."""
     if not splits.train:
-        raise ValueError(f"{splits.name} has no train split (a test-only dataset); train elsewhere and evaluate here")
+        raise ValueError(f"{splits.name} has no train split (a test-only dataset); "
+                         "train elsewhere and evaluate here")
     rng = random.Random(seed)
     train = sample_few_shot(splits.train, shots, rng)
     val = sample_few_shot(splits.val, min(shots, 4), rng, strict=False)
@@ -436,7 +457,8 @@ def subsample_classes(splits, subsample):
     labels = sorted({d.label for d in (splits.train or splits.test)})
     m = math.ceil(len(labels) / 2)
     relabel = {y: i for i, y in enumerate(labels[:m] if subsample == "base" else labels[m:])}
-    keep = lambda items: [Datum(d.path, relabel[d.label], d.classname) for d in items if d.label in relabel]  # noqa: E731
+    keep = lambda items: [Datum(d.path, relabel[d.label], d.classname)  # noqa: E731
+                          for d in items if d.label in relabel]
     in_labels = lambda values: [values[y] for y in relabel]  # noqa: E731
     return replace(splits, train=keep(splits.train), val=keep(splits.val), test=keep(splits.test),
                    classnames=in_labels(splits.classnames),
@@ -446,7 +468,8 @@ def subsample_classes(splits, subsample):
 def save_split(path, splits):
     """Write splits as JSON, image paths relative to splits.root (rows [relpath, label, classname], as
     split_zhou files), so a run folder keeps its exact few-shot set. Atomic: a kill leaves no half file."""
-    rows = lambda items: [[os.path.relpath(d.path, splits.root), d.label, d.classname] for d in items]  # noqa: E731
+    rows = lambda items: [[os.path.relpath(d.path, splits.root), d.label, d.classname]  # noqa: E731
+                          for d in items]
     data = {"name": splits.name, "root": splits.root, "classnames": splits.classnames,
             "imagenet_labels": splits.imagenet_labels,
             "train": rows(splits.train), "val": rows(splits.val), "test": rows(splits.test)}
@@ -497,7 +520,8 @@ def _header_error(path):
         with Image.open(path):  # parses the header only; the pixels are decoded by load_image
             return None
     except Exception as e:  # OSError (missing, unidentified, truncated header), SyntaxError, ValueError, ...
-        reason = " ".join((getattr(e, "strerror", None) or str(e) or type(e).__name__).split())  # as load_image
+        # as load_image
+        reason = " ".join((getattr(e, "strerror", None) or str(e) or type(e).__name__).split())
         return f"cannot read image {path}: {reason}"
 
 
@@ -517,7 +541,8 @@ class ImageDataset(Dataset):
         self.items, self.transform, self.train, self.seed = list(items), transform, train, seed
         self.skip_bad, self.epoch = skip_bad, 0
         self.cache = None
-        if cache_decoded:  # a bad file raises now, or (skip_bad) its error is kept and the sample skipped at each use
+        # a bad file raises now, or (skip_bad) its error is kept and the sample skipped at each use
+        if cache_decoded:
             self.cache = [_load_or_error(d.path) for d in self.items]
             if not skip_bad and (bad := next((e for e in self.cache if isinstance(e, str)), None)):
                 raise ValueError(f"{bad}; {_SKIP_ADVICE}")
@@ -534,7 +559,8 @@ class ImageDataset(Dataset):
             img = load_image(d.path, rgb=True) if self.cache is None else self.cache[i]
             if isinstance(img, str):  # a cached error
                 raise ValueError(img)
-            x = self.transform(img, random.Random(f"{self.seed}/{self.epoch}/{i}")) if self.train else self.transform(img)
+            x = (self.transform(img, random.Random(f"{self.seed}/{self.epoch}/{i}")) if self.train
+                 else self.transform(img))
         except ValueError as e:  # load_image and the transforms raise ValueError for bad image content
             reason = str(e) if d.path in str(e) else f"cannot use image {d.path}: {e}"
             if not self.skip_bad:

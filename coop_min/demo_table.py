@@ -71,9 +71,11 @@ def _main(argv):
     runs = os.path.join(args.output, "runs")
     common = ["--output", runs, "--seeds", ",".join(map(str, args.seeds))]
     common += ["--weights", args.weights] if args.weights else []
-    sweeps = (("base2new", "coop"), ("base2new", "cocoop"), ("few-shot", "coop"), ("few-shot", "linear-probe"))
+    sweeps = (("base2new", "coop"), ("base2new", "cocoop"),
+              ("few-shot", "coop"), ("few-shot", "linear-probe"))
     for protocol, method in sweeps:
-        command = [sys.executable, "-m", "coop_min.sweep", "--protocol", protocol, "--method", method, *common]
+        command = [sys.executable, "-m", "coop_min.sweep",
+                   "--protocol", protocol, "--method", method, *common]
         if subprocess.run(command).returncode:               # the sweep said why, in one line
             return 1
     _, rows = summarize.summarize(runs, args.output)

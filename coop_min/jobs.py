@@ -86,7 +86,8 @@ def execute(jobs, devices, typed, out):
                     print(f"[{i}/{n}] done in {minutes:.1f} min: {_outcome(job.folder)}", flush=True)
                 else:
                     failed.append(job.folder)
-                    print(f"[{i}/{n}] failed (exit {proc.returncode}): {_last_line(log)} (see {log})", flush=True)
+                    print(f"[{i}/{n}] failed (exit {proc.returncode}): {_last_line(log)} (see {log})",
+                          flush=True)
             for i, job in [(i, job) for i, job in todo if job.needs in failed]:
                 todo.remove((i, job))
                 failed.append(job.folder)

@@ -31,7 +31,8 @@ from coop_min.evaluate import harmonic_mean
 DG_TARGETS = ("ImageNetV2", "ImageNetSketch", "ImageNetA", "ImageNetR")
 ORDER = ("ImageNet", "Caltech101", "OxfordPets", "StanfordCars", "OxfordFlowers", "Food101", "FGVCAircraft",
          "SUN397", "DescribableTextures", "EuroSAT", "UCF101", *DG_TARGETS)      # the papers' order
-# what a row is: every setting that changes a number ("training": epochs, batch size, lr set apart from the paper's)
+# what a row is: every setting that changes a number
+# ("training": epochs, batch size, lr set apart from the paper's)
 SETTING = ("method", "n_ctx", "ctx_init", "csc", "class_token_position", "weights", "templates", "precision",
            "data", "training")
 NAMES = {"zero-shot": "zero-shot CLIP", "linear-probe": "linear-probe CLIP", "coop": "CoOp",
@@ -67,9 +68,11 @@ def collect(root):
         _add_run(tables, r, config)
     evals = {f: (r, side) for f, (r, _, side) in found.items()
              if f not in runs and isinstance(side, dict) and isinstance(r, dict) and "accuracy" in r}
-    evaluated = {(side.get("weights"), side.get("templates", "single"), r["dataset"]) for r, side in evals.values()
+    evaluated = {(side.get("weights"), side.get("templates", "single"), r["dataset"])
+                 for r, side in evals.values()
                  if side.get("prompt") is None}
-    used = sum(_add_evaluation(tables, folder, r, side, runs, evaluated) for folder, (r, side) in evals.items())
+    used = sum(_add_evaluation(tables, folder, r, side, runs, evaluated)
+               for folder, (r, side) in evals.items())
     return tables, len(found) - len(runs) - used
 
 
@@ -169,7 +172,8 @@ def labels(settings):
 
 def differing(settings):
     """The settings in which any two rows differ, e.g. ["n_ctx", "csc"] for CoOp's variants."""
-    return [SETTING[i] for i in range(1, len(SETTING)) if len({s[i] for s in settings if s[0] != "zero-shot"}) > 1]
+    return [SETTING[i] for i in range(1, len(SETTING))
+            if len({s[i] for s in settings if s[0] != "zero-shot"}) > 1]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -209,22 +213,31 @@ def _order(names):
 
 
 def _most(rows):
-    return max((s[2] for row in rows.values() for d in row.values() for c in d.values() if (s := stat(c))), default=0)
+    return max((s[2]
+                for row in rows.values()
+                for d in row.values()
+                for c in d.values()
+                if (s := stat(c))),
+               default=0)
 
 
 def _md(header, rows):
-    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header), *("| " + " | ".join(r) + " |" for r in rows)]
+    return ["| " + " | ".join(header) + " |",
+            "|" + "---|" * len(header),
+            *("| " + " | ".join(r) + " |" for r in rows)]
 
 
 def few_shot_md(table, name):
     most, datasets = _most({name: table}), _order(table)
     shots = sorted({k for d in table.values() for k in d if k})
-    lines = [[d, _cell(stat(table[d].get(0)), std=False), *(_cell(stat(table[d].get(k)), most) for k in shots)]
+    lines = [[d, _cell(stat(table[d].get(0)), std=False),
+              *(_cell(stat(table[d].get(k)), most) for k in shots)]
              for d in datasets]
     if len(datasets) > 1:
         lines.append(["Average", *(_cell(average([stat(table[d].get(k)) for d in datasets]), std=False)
                                    for k in [0, *shots])])
-    return [f"### {name}", "", *_md(["dataset", "zero-shot CLIP", *(f"{k} shot{'s' * (k > 1)}" for k in shots)], lines)]
+    return [f"### {name}", "",
+            *_md(["dataset", "zero-shot CLIP", *(f"{k} shot{'s' * (k > 1)}" for k in shots)], lines)]
 
 
 def base2new_md(rows):
@@ -248,25 +261,33 @@ def transfer_md(rows):
         stats = [stat(rows[s].get(c, {}).get("accuracy")) for c in columns]
         targets = average([x for c, x in zip(columns, stats) if c != "ImageNet"])
         lines.append([name, *_cells(s, stats, most), _cell(targets, std=False)])
-    return _md(["method", *(f"{c} (source)" if c == "ImageNet" else c for c in columns), "Average (targets)"], lines)
+    return _md(["method", *(f"{c} (source)" if c == "ImageNet" else c for c in columns), "Average (targets)"],
+               lines)
 
 
 def write_csv(path, rows):
     """One line per (method, dataset, column): mean, std, the number of seeds and each seed's value."""
-    seeds = sorted({x for row in rows.values() for d in row.values() for c in d.values() for x in c if x is not None})
+    seeds = sorted({x
+                    for row in rows.values()
+                    for d in row.values()
+                    for c in d.values()
+                    for x in c
+                    if x is not None})
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["method", "dataset", "column", "mean", "std", "seeds", *(f"seed_{s}" for s in seeds)])
         for s, name in labels(rows).items():
             for d in _order(rows[s]):
-                for column, by_seed in sorted(rows[s][d].items(), key=lambda kv: (isinstance(kv[0], str), kv[0])):
+                for column, by_seed in sorted(rows[s][d].items(),
+                                              key=lambda kv: (isinstance(kv[0], str), kv[0])):
                     m, sd, n = stat(by_seed)
                     w.writerow([name, d, "zero-shot" if column == 0 else column, f"{m:.4f}", f"{sd:.4f}", n,
                                 *(f"{by_seed[x]:.4f}" if x in by_seed else "-" for x in seeds)])
 
 
 def compute_md(compute, names):
-    """What each setting cost, from the runs' results.json: mean training time per run, images/s, peak memory."""
+    """What each setting cost, from the runs' results.json: mean training time per run, images/s,
+    peak memory."""
     lines = []
     for s, name in names.items():
         rs = compute.get(s, [])
@@ -319,7 +340,8 @@ def few_shot_panels(rows):
             points = _average_points(rows[s]) if d == "Average" else _points(rows[s][d], most)
             if points:
                 curves.append(plots.Curve(name, points, dashed=s[0] == "linear-probe"))
-            z = average([stat(rows[s][x].get(0)) for x in rows[s]]) if d == "Average" else stat(rows[s][d].get(0))
+            z = (average([stat(rows[s][x].get(0)) for x in rows[s]]) if d == "Average"
+                 else stat(rows[s][d].get(0)))
             if z:
                 zero_shot.setdefault(_zero_shot_label(s, names), z[0])
         panels.append(plots.Panel(d, curves, list(zero_shot.items())))
@@ -373,21 +395,24 @@ def summarize(root, output=None):
     tables, left_out = collect(root)
     lines = [f"# Results below {root}", "", _NOTE, ""]
     if left_out:
-        lines += [f"({left_out} results.json left out: unreadable, or evaluations without a sweep.json or run)", ""]
+        lines += [
+            f"({left_out} results.json left out: unreadable, or evaluations without a sweep.json or run)",
+            ""]
     if rows := tables["few_shot"]:
         lines += ["## Few-shot (CoOp, Figure 3): test accuracy (%)", "", *_differ_line(rows)]
         for s, name in labels(rows).items():
             lines += [*few_shot_md(rows[s], name), ""]
         plots.few_shot_figure(few_shot_panels(rows), os.path.join(output, "few_shot"))
     if rows := tables["base2new"]:
-        lines += ["## Base-to-new (CoCoOp, Table 1): test accuracy (%); H of the means", "", *_differ_line(rows),
-                  *base2new_md(rows), ""]
+        lines += ["## Base-to-new (CoCoOp, Table 1): test accuracy (%); H of the means", "",
+                  *_differ_line(rows), *base2new_md(rows), ""]
         names = [n for n in labels(rows).values()]
         plots.bars_figure(base2new_groups(rows), names, os.path.join(output, "base2new"))
     for key, title in (("cross_dataset", "Cross-dataset transfer (CoCoOp, Table 2)"),
                        ("dg", "Domain generalisation (CoOp; CoCoOp, Table 3)")):
         if any(d != "ImageNet" for row in tables[key].values() for d in row):
-            lines += [f"## {title}: test accuracy (%)", "", *_differ_line(tables[key]), *transfer_md(tables[key]), ""]
+            lines += [f"## {title}: test accuracy (%)", "",
+                      *_differ_line(tables[key]), *transfer_md(tables[key]), ""]
     if tables["compute"]:
         lines += ["## Compute: what each setting cost, per run (as the runs recorded it)", "",
                   *compute_md(tables["compute"], labels(tables["compute"])), ""]

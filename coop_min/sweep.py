@@ -61,7 +61,8 @@ PROTOCOLS = {"few-shot": Protocol("coop", (1, 2, 4, 8, 16), ELEVEN, "all"),
              "cross-dataset": Protocol("cocoop", (16,), ELEVEN, "all"),
              "dg": Protocol("coop", (16,), (SOURCE, *TEST_ONLY), "all")}
 _OWNED = {"resume": "the sweep continues unfinished runs by itself", "seed": "use --seeds",
-          "dataset": "use --datasets", "subsample": "the protocol sets it", "output": "use the sweep's --output"}
+          "dataset": "use --datasets", "subsample": "the protocol sets it",
+          "output": "use the sweep's --output"}
 _EVAL_FLAGS = ("workers", "device", "skip_bad_images", "reference_path")   # train flags evaluate has too
 _PROBE_FLAGS = ("weights", "workers", "device", "skip_bad_images")         # train flags linear_probe has
 _ON, _OFF = ("on", "true", "yes", "1"), ("off", "false", "no", "0")
@@ -119,12 +120,14 @@ class _Planner:
         self.given, self.cfg = _train_config(extras, method)
         self.extras = extras
         self.free = [t for name, ts in groups if name in options.RESUME_MAY_CHANGE for t in ts]
-        self.fixed = {name: getattr(self.cfg, name) for name in typed if name not in options.RESUME_MAY_CHANGE}
+        self.fixed = {name: getattr(self.cfg, name) for name in typed
+                      if name not in options.RESUME_MAY_CHANGE}
         own = ("weights", "precision", "templates") if args.method == "zero-shot" else ()  # else the run's
         self.eval_flags = [t for name, ts in groups if name in (*_EVAL_FLAGS, *own) for t in ts]
         self.probe_flags = [t for name, ts in groups if name in _PROBE_FLAGS for t in ts]
 
-    def data(self, key):                     # a dataset's folder (the demo's: written into the cache on first use)
+    # a dataset's folder (the demo's: written into the cache on first use)
+    def data(self, key):
         if self.args.data is None:
             return str(inputs.data_root(None))
         return dataset_folder(self.args.data, key)
@@ -145,7 +148,8 @@ class _Planner:
         f = runs.run_folder(cfg, key, tags, root=self.out)
         argv = [*PY, "coop_min.train", "--data", self.data(key), "--dataset", name, "--method", method,
                 "--shots", str(k), "--seed", str(s), "--subsample", self.sub, "--output", f, *self.extras]
-        expect = {"dataset": name, "method": method, "shots": k, "seed": s, "subsample": self.sub, **self.fixed}
+        expect = {"dataset": name, "method": method, "shots": k, "seed": s, "subsample": self.sub,
+                  **self.fixed}
         resume = [*PY, "coop_min.train", "--resume", "--output", f, *self.free]
         return Job(f"{key} {k} shots seed {s} {method}", f, argv, self.line(key, k, s), resume=resume,
                    expect=expect)
@@ -164,7 +168,8 @@ class _Planner:
             argv = [*PY, "coop_min.linear_probe", "--classifier", source.folder,
                     *self._target(key, f, self.probe_flags)]
         else:
-            argv = [*PY, "coop_min.evaluate", "--prompt", source.folder, *self._target(key, f, self.eval_flags)]
+            argv = [*PY, "coop_min.evaluate", "--prompt", source.folder,
+                    *self._target(key, f, self.eval_flags)]
         return Job(f"{key} <- {SOURCE} {k} shots seed {s} {method}", f, argv, self.line(key, k, s),
                    needs=source.folder, sidecar={"prompt": os.path.relpath(source.folder, f)})
 
@@ -211,8 +216,9 @@ def plan(args, extras):
     for combination in itertools.product(*axes):
         for job in _plan_one(args, [*extras, *itertools.chain(*combination)]):
             if job.folder in planned and job.argv != planned[job.folder].argv:
-                raise cli.UsageError(f"two settings of --grid share the folder {job.folder}: the values of one "
-                                     "of its flags do not change where a run goes; drop that flag from --grid")
+                raise cli.UsageError(
+                    f"two settings of --grid share the folder {job.folder}: the values of one "
+                    "of its flags do not change where a run goes; drop that flag from --grid")
             planned.setdefault(job.folder, job)
     return list(planned.values())
 
@@ -242,7 +248,9 @@ def _ints(text):
 
 def _dataset_keys(text):
     """Official config names (their loader NAMEs and folders too); any other name is a folder under --data."""
-    official = {alias: key for key, (name, folder) in DATASETS.items() for alias in (key, name.lower(), folder)}
+    official = {alias: key
+                for key, (name, folder) in DATASETS.items()
+                for alias in (key, name.lower(), folder)}
     return [official.get(d.lower(), d) for d in text.split(",") if d]
 
 
@@ -250,7 +258,8 @@ def _grid(text):
     flag, sep, values = text.partition("=")
     flag = "--" + flag.removeprefix("--")
     if not sep or flag not in options.flag_fields() or flag.startswith("--no-"):
-        raise argparse.ArgumentTypeError(f"expected a train flag and its values like n-ctx=4,8,16, got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"expected a train flag and its values like n-ctx=4,8,16, got {text!r}")
     return flag, values.split(",")
 
 
@@ -263,7 +272,8 @@ def _check(p, args, extras):
     if twice := [n for n in grid if n in given or grid.count(n) > 1]:
         p.error(f"--{twice[0].replace('_', '-')} is given twice (in --grid and as a flag); give it once")
     if args.method == "zero-shot" and args.protocol in ("few-shot", "base2new"):
-        p.error("--method zero-shot is for cross-dataset and dg; every training run reports zero-shot CLIP already")
+        p.error("--method zero-shot is for cross-dataset and dg; "
+                "every training run reports zero-shot CLIP already")
     if args.method == "linear-probe" and args.protocol not in ("few-shot", "dg"):
         p.error("--method linear-probe runs the few-shot and dg protocols, as the CoOp paper reports it")
     if args.method == "linear-probe" and (other := [n for n in given + grid if n not in _PROBE_FLAGS]):
@@ -283,8 +293,8 @@ def _check(p, args, extras):
 def _check_data(p, args):
     if args.data is None:
         if args.datasets != ["demo"] or args.protocol in ("cross-dataset", "dg"):
-            p.error("without --data the sweep runs few-shot or base2new on the bundled demo; pass --data ROOT, the "
-                    "folder of the datasets")
+            p.error("without --data the sweep runs few-shot or base2new on the bundled demo; "
+                    "pass --data ROOT, the folder of the datasets")
         return
     if not os.path.isdir(args.data):
         p.error(f"--data {args.data} is not a folder; pass the folder that holds the dataset folders")
@@ -293,29 +303,34 @@ def _check_data(p, args):
     if missing := [d for d in wanted if not os.path.isdir(dataset_folder(args.data, d))]:
         here = sorted(e.name for e in os.scandir(args.data) if e.is_dir() and not e.name.startswith("."))
         what = [f"{d} (folder {DATASETS[d][1]})" if d in DATASETS else f"folder {d}" for d in missing]
-        p.error(f"{args.data} has no {', '.join(what)}; --datasets takes the official names (CoOp's DATASETS.md "
+        p.error(f"{args.data} has no {', '.join(what)}; "
+                "--datasets takes the official names (CoOp's DATASETS.md "
                 f"layout) or folders of --data: {', '.join(here) or 'none'}")
 
 
 def parse_args(argv=None):
     p = cli.parser("python -m coop_min.sweep", allow_abbrev=False, description=(
-        "Run a protocol of the CoOp/CoCoOp papers over a data root, one run folder per run; finished runs are "
-        "skipped and unfinished ones continued, so interrupt and rerun it freely. Other flags are "
+        "Run a protocol of the CoOp/CoCoOp papers over a data root, one run folder per run; "
+        "finished runs are skipped and unfinished ones continued, so interrupt and rerun it freely. "
+        "Other flags are "
         "coop_min.train flags, passed to every run."))
     a = p.add_argument
     a("--data", help="the folder holding the datasets under their official folder names, or folders of your "
                      "own (default: the demo)")
     a("--protocol", required=True, choices=list(PROTOCOLS),
-      help="few-shot (CoOp Figure 3), base2new (CoCoOp Table 1), cross-dataset (Table 2), dg (domain generalisation)")
-    a("--datasets", type=_dataset_keys, help="comma-separated, named as the official configs/datasets, or "
-                                             "folders of --data (default: the protocol's, e.g. the 11 for few-shot)")
+      help="few-shot (CoOp Figure 3), base2new (CoCoOp Table 1), cross-dataset (Table 2), "
+           "dg (domain generalisation)")
+    a("--datasets", type=_dataset_keys,
+      help="comma-separated, named as the official configs/datasets, or "
+           "folders of --data (default: the protocol's, e.g. the 11 for few-shot)")
     a("--shots", type=_ints, help="comma-separated (default 1,2,4,8,16 for few-shot, else 16)")
     a("--seeds", type=_ints, default=[1, 2, 3], help="comma-separated (default 1,2,3)")
     a("--method", choices=["coop", "cocoop", "zero-shot", "linear-probe"],
       help="(default: coop for few-shot and dg, cocoop for base2new and cross-dataset); linear-probe: CLIP's "
            "linear probe (coop_min.linear_probe) for few-shot and dg")
     a("--grid", type=_grid, action="append", default=[], metavar="FLAG=V1,V2",
-      help="a train flag and several values, each its own runs (repeat for a grid: --grid n-ctx=4,8,16 --grid "
+      help="a train flag and several values, each its own runs "
+           "(repeat for a grid: --grid n-ctx=4,8,16 --grid "
            "class-token-position=end,middle; a switch takes on,off: --grid csc=off,on)")
     a("--output", default="runs", help="the folder of all the runs (default runs)")
     a("--devices", type=lambda t: t.split(","),
@@ -335,8 +350,10 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    cli.exit_with(cli.run(_main, argv, interrupted="interrupted: the running runs were stopped, each folder keeps "
-                                                   "its last checkpoint; rerun the same command to continue"))
+    cli.exit_with(cli.run(
+        _main, argv,
+        interrupted="interrupted: the running runs were stopped, each folder keeps "
+                    "its last checkpoint; rerun the same command to continue"))
 
 
 def _main(argv):
@@ -347,16 +364,18 @@ def _main(argv):
         return 0
     check_settings(planned)
     runs.check_writable(args.output)
-    # Ctrl-C, a kill -INT (even where a shell started the sweep ignoring it) and a scheduler's SIGTERM all stop the
-    # runs; the runs, in process groups of their own, get SIGINT from the sweep alone, once
+    # Ctrl-C, a kill -INT (even where a shell started the sweep ignoring it) and a scheduler's SIGTERM all
+    # stop the runs; the runs, in process groups of their own, get SIGINT from the sweep alone, once
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     typed = {name for name, _ in _flags(extras)} | {options.flag_fields()[flag] for flag, _ in args.grid}
     if failed := jobs.execute(planned, args.devices or [None], typed, args.output):
-        print(f"error: {len(failed)} of {len(planned)} runs failed (logs in {os.path.join(args.output, 'sweep-logs')}); "
+        print(f"error: {len(failed)} of {len(planned)} runs failed "
+              f"(logs in {os.path.join(args.output, 'sweep-logs')}); "
               "rerun the same command to retry them", file=sys.stderr)
         return 1
-    print(f"all {len(planned)} runs finished; their tables: python -m coop_min.summarize {args.output}", flush=True)
+    print(f"all {len(planned)} runs finished; their tables: python -m coop_min.summarize {args.output}",
+          flush=True)
     return 0
 
 
