@@ -287,3 +287,39 @@ def test_summarize_never_pools_runs_of_other_settings_and_says_how_rows_differ(t
     assert "### CoOp (data d2, training as the paper)\n" in text and "| DescribableTextures | 30.00 | 70.00 |" in text
     # compute: a and b, 10 s and 20 s per run, 5 and 10 images/s: means 15 s and 7.5
     assert "| CoOp (data d1, training as the paper) | 2 | 15.0 s | 7.5 | - |" in text
+
+
+def test_a_linear_probe_sweep_on_the_demo_and_its_summary(tmp_path):
+    out = tmp_path / "runs"
+    cmd = [sys.executable, "-m", "coop_min.sweep", "--protocol", "few-shot", "--method", "linear-probe",
+           "--shots", "1,2", "--seeds", "1", "--output", str(out), "--feature-cache", str(tmp_path / "cache")]
+    r = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "--feature-cache is not a linear-probe setting" in r.stderr   # not a train flag
+    r = subprocess.run(cmd[:-2], env=ENV, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    results = _results(out)
+    assert sorted(os.path.relpath(p.parent, out) for p in results) == [
+        os.path.join("demo", f"shots_{k}", "linear-probe", "tiny_clip", "seed1") for k in (1, 2)]
+    for r in results.values():
+        assert r["method"] == "linear-probe" and r["C"] in [step["C"] for step in r["search"]]
+    text, tables = summarize.summarize(str(out), str(tmp_path / "summary"))
+    by_shots = {r["shots"]: r["accuracy"] for r in results.values()}
+    assert f"| Demo | - | {by_shots[1]:.2f} | {by_shots[2]:.2f} |" in text       # no zero-shot of its own
+    assert "### linear-probe CLIP" in text
+    assert 'stroke-dasharray' in (tmp_path / "summary" / "few_shot.svg").read_text()
+
+
+def test_a_linear_probe_dg_sweep_tests_the_imagenet_classifier_on_the_targets(tmp_path, capsys):
+    for folder in ("imagenet", "imagenetv2", "imagenet-adversarial"):
+        (tmp_path / folder).mkdir()
+    args, extras = sweep.parse_args(["--data", str(tmp_path), "--protocol", "dg", "--method", "linear-probe",
+                                     "--datasets", "imagenetv2,imagenet_a", "--seeds", "1", "--weights", "RN50"])
+    source, *targets = sweep.plan(args, extras)
+    assert source.argv[2:4] == ["coop_min.linear_probe", "--data"] and source.argv[-2:] == ["--weights", "RN50"]
+    assert os.path.relpath(source.folder, args.output) == os.path.join("imagenet", "shots_16", "linear-probe",
+                                                                       "rn50", "seed1")
+    assert [t.needs for t in targets] == [source.folder] * 2
+    for t, name in zip(targets, ("ImageNetV2", "ImageNetA")):
+        assert t.argv[t.argv.index("--classifier") + 1] == source.folder
+        assert t.argv[t.argv.index("--dataset") + 1] == name
+        assert os.path.normpath(os.path.join(t.folder, t.sidecar["prompt"])) == source.folder
