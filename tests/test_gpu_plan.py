@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PARTS = ["attention", "tables", "head", "graph", "shared-prefix", "tests"]
+PARTS = ["attention", "tables", "head", "linear-probe", "graph", "shared-prefix", "tests"]
 
 
 @pytest.mark.slow
