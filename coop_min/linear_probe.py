@@ -676,10 +676,10 @@ def _report_features(folder, shots, seeds, device):
     """The official script on its own feature files: one report line per shot count."""
     splits = read_features(folder)
     name = os.path.basename(os.path.normpath(folder))
+    (tx, ty), (vx, vy), (ex, ey) = splits["train"], splits["val"], splits["test"]
     for k in shots:
         accuracies = []
         for seed in seeds:
-            (tx, ty), (vx, vy), (ex, ey) = splits["train"], splits["val"], splits["test"]
             train, val = sample(ty, vy, k, seed)
             found = search(tx[train], ty[train], vx[val], vy[val], ex, ey, device=device)
             _say(f"{name}, seed {seed}, {k} shot, weight {found['C']}, test_acc {found['accuracy']:.2f}")
@@ -697,8 +697,11 @@ def _probe_dataset(args, shots, seeds, device):
     probe = Probe(splits, features, args.data, args.weights, device, root)
     todo = [(k, s) for k in shots for s in seeds
             if not os.path.exists(os.path.join(probe.folder(k, s), "results.json"))]
-    needed = {d.path: d for k, s in todo for d in [*sum(probe.few_shot(k, s), []), *splits.test]}
-    features.get(list(needed.values()))                   # one encoding pass for every run
+    needed = list(splits.test)
+    for k, s in todo:
+        train, val = probe.few_shot(k, s)
+        needed += train + val
+    features.get(needed)                                  # one encoding pass for every run
     accuracies = {}
     for k in shots:
         for s in seeds:
