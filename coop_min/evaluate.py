@@ -15,7 +15,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from coop_min import cli, data, distributed, fast, inputs, options, runs
+from coop_min import cli, data, distributed, fast, inputs, official, options, runs
 from coop_min.clip import convert_dtype
 from coop_min.files import write_json
 from coop_min.prompts import PromptedCLIP, load_prompt, nearest_words
@@ -139,27 +139,34 @@ def format_table(rows, title):
 
 
 def _prompt_file(path):
+    if official.is_official(path):
+        return path
     if os.path.isdir(path):
         path = os.path.join(path, "prompt.safetensors")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"prompt file not found: {path}; pass a run folder or a prompt.safetensors")
+        raise FileNotFoundError(f"prompt file not found: {path}; pass a run folder, a prompt.safetensors or "
+                                "an official CoOp/CoCoOp checkpoint")
     return path
 
 
-def _interpret(model, embedding, k, log):
-    """The k nearest words of each context vector, against `embedding` (the checkpoint's fp32 values)."""
-    from coop_min.tokenizer import token_string
+def _interpret(ctx, classnames, embedding, k, log):
+    """The k nearest words of each context vector (M, W) or (C, M, W), against `embedding` (the
+    checkpoint's fp32 token embeddings), as the official interpret_prompt.py finds them."""
+    from coop_min.tokenizer import token_text
 
-    ctx = model.learner.ctx.detach()
-    ids, distances = nearest_words(ctx, embedding, k)
-    ids = ids.reshape(-1, ctx.shape[-2], k)                  # (classes or 1, M, k)
-    distances = distances.reshape(-1, ctx.shape[-2], k)
+    ids, distances = nearest_words(ctx.detach().float().cpu(), embedding.cpu(), k)
+    M = ctx.shape[-2]
+    ids, distances = ids.reshape(-1, M, k), distances.reshape(-1, M, k)               # (C or 1, M, k)
+    log(f"the {k} vocabulary tokens nearest to each context vector (Euclidean distance to CLIP's token "
+        "embeddings; '-' ends a piece inside a word)")
     for c in range(ids.shape[0]):
         if ids.shape[0] > 1:
-            log(f"class {model.learner.classnames[c]}:")
+            log(f"class {classnames[c] if classnames else c + 1}:")
+        log(f"{'context':>7}  " + "  ".join(f"{'token':<14} {'distance':>8}" for _ in range(k)))
         for m in range(ids.shape[1]):
-            words = [token_string(int(i)) for i in ids[c, m]]
-            log(f"{m + 1}: {words} {['%.4f' % float(d) for d in distances[c, m]]}")
+            cells = [f"{token_text(int(i))[:14]:<14} {float(d):8.4f}"
+                     for i, d in zip(ids[c, m], distances[c, m])]
+            log(f"{m + 1:>7}  " + "  ".join(cells))
 
 
 def _predict_image(path, clip, classnames, model, weights, device):
@@ -191,13 +198,18 @@ def _parser():
                    "hf-hub:ORG/NAME (default: the run's with --prompt RUN_DIR, else the bundled tiny demo "
                    "CLIP)")
     what = p.add_mutually_exclusive_group()
-    what.add_argument("--prompt", help="a training run folder or a prompt.safetensors")
+    what.add_argument("--prompt", help="a training run folder or a prompt.safetensors; or an official "
+                      "CoOp/CoCoOp checkpoint: model.pth.tar-E, its prompt_learner/ folder or the official "
+                      "run folder")
     what.add_argument("--zero-shot", action="store_true",
                       help="hand-crafted prompts (the default without --prompt)")
     p.add_argument("--templates", choices=["single", "ensemble"], default="single",
                    help="zero-shot: the dataset's template, or the ImageNet ensemble (+ the dataset's)")
     p.add_argument("--subsample", choices=["all", "base", "new", "base2new"], default="all",
                    help="classes to test on; base2new reports base, new and their harmonic mean")
+    p.add_argument("--class-token-position", choices=["end", "middle", "front"],
+                   help="for an official CoOp checkpoint whose run folder does not say (its log.txt or "
+                   "folder name); default end. coop_min's prompt files record it")
     p.add_argument("--interpret", type=int, metavar="K",
                    help="print the K nearest words of each context vector")
     p.add_argument("--image", help="classify one image file: top-5 classes with probabilities")
@@ -223,6 +235,9 @@ def _main(argv):
     if args.output and os.path.exists(os.path.join(args.output, "results.json")):   # never lose a result
         p.error(f"--output {args.output} already holds a results.json (a run's or an earlier evaluation's); "
                 "pick another --output")
+    if args.class_token_position and not (args.prompt and official.is_official(args.prompt)):
+        p.error("--class-token-position is for an official checkpoint (--prompt); coop_min's prompt files "
+                "record it")
     if args.prompt and args.templates != "single":
         p.error("--templates is for zero-shot classifiers; a --prompt brings its own learned context")
     if args.output and os.path.exists(args.output) and not os.path.isdir(args.output):
@@ -259,13 +274,17 @@ def run(args):
         clip = fast.fused_copy(clip)
     prompt = _prompt_file(args.prompt) if args.prompt else None
     if args.interpret and not prompt:
-        raise ValueError("--interpret needs --prompt (a run folder or prompt.safetensors)")
+        raise ValueError("--interpret needs --prompt (a run folder, a prompt.safetensors or an official "
+                         "checkpoint)")
+
+    if prompt and official.is_official(prompt):
+        say(official.read_prompt(prompt, args.class_token_position).origin)
 
     def prompted(classnames=None):            # the learned prompts, on the method or the fast path
-        model = load_prompt(prompt, clip, classnames, clip_sha)
+        model = load_prompt(prompt, clip, classnames, clip_sha, args.class_token_position)
         return model if args.reference_path else fast.FastPromptedCLIP(clip, model.learner)
     if args.interpret:
-        _interpret(prompted(), embedding, args.interpret, say)
+        _interpret_prompt(args, prompt, clip, clip_sha, embedding, say)
         if args.data is None and not args.image:
             return None
     if args.image:
@@ -278,13 +297,23 @@ def run(args):
     return results
 
 
+def _interpret_prompt(args, prompt, clip, clip_sha, embedding, say):
+    if official.is_official(prompt):         # no class names in the file: the data's, if given
+        ctx = official.read_prompt(prompt, args.class_token_position).tensors["ctx"]
+        names = _load(args).classnames if args.data is not None and ctx.dim() == 3 else None
+    else:
+        learner = load_prompt(prompt, clip, clip_sha256=clip_sha).learner
+        ctx, names = learner.ctx, learner.classnames
+    _interpret(ctx, names, embedding, args.interpret, say)
+
+
 def _quiet(*args):
     """What a process other than rank 0 prints: nothing."""
 
 
 def _classify_image(args, clip, prompted, device, say):
-    if prompted is not None:
-        model = prompted()
+    if prompted is not None:                 # an official checkpoint holds no class names: the data's
+        model = prompted(_load(args).classnames if official.is_official(args.prompt) else None)
         names = model.learner.classnames
         weights = None
         by = f"{model.learner.config.method} prompts from {args.prompt}"

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from coop_min import official
 from coop_min.files import atomic_write
 from coop_min.tokenizer import encode, tokenize
 
@@ -330,13 +331,21 @@ def _config_of(path, meta):
         raise ValueError(f"{path}: its metadata is not a prompt configuration ({' '.join(str(e).split())})") from None
 
 
-def load_prompt(path, clip, classnames=None, clip_sha256: str | None = None) -> PromptedCLIP:
+def load_prompt(path, clip, classnames=None, clip_sha256: str | None = None,
+                class_token_position: str | None = None) -> PromptedCLIP:
     """Rebuild a PromptedCLIP from prompt.safetensors for `classnames` (default: the file's).
 
     A unified CoOp context or a CoCoOp learner works on any class list (base->new, cross-dataset);
     class-specific contexts only on the classes they were learned for (names compared as the
     prompts spell them, "_" read as a space).
+
+    `path` may also be an official CoOp/CoCoOp checkpoint (coop_min/official.py: the file, its
+    prompt_learner/ folder or the official run folder), read without running its pickle. It holds no
+    class names, so `classnames` is required; `class_token_position` is used when its run folder does
+    not say (official.read_prompt(...).origin says which settings were used and where they came from).
     """
+    if official.is_official(path):
+        return _load_official(path, clip, classnames, class_token_position)
     meta, tensors = _read(path)
     missing = {"method", "n_ctx", "class_token_position", "csc", "classnames"} - set(meta)
     if missing or "ctx" not in tensors:
@@ -354,10 +363,28 @@ def load_prompt(path, clip, classnames=None, clip_sha256: str | None = None) -> 
                "got other names ({!r} where it has {!r})".format(*next((a, b) for a, b in zip(*spelled) if a != b)))
         raise ValueError(f"{path} has class-specific contexts for {len(saved_names)} classes, {got}; CSC prompts "
                          "only work on the classes they were learned for, in their order")
+    return _with_state(path, clip, names, config, tensors)
+
+
+def _load_official(path, clip, classnames, class_token_position):
+    found = official.read_prompt(path, class_token_position)
+    ctx = found.tensors["ctx"]
+    if classnames is None:
+        raise ValueError(f"{path} is an official checkpoint, which holds no class names; pass the data it was "
+                         "trained on (--data)")
+    if ctx.dim() == 3 and ctx.shape[0] != len(classnames):
+        raise ValueError(f"{path} has class-specific contexts for {ctx.shape[0]} classes, the data has "
+                         f"{len(classnames)}; CSC prompts only work on the classes they were learned for")
+    config = PromptConfig(method=found.method, n_ctx=ctx.shape[-2], ctx_init="", csc=ctx.dim() == 3,
+                          class_token_position=found.class_token_position)
+    return _with_state(path, clip, classnames, config, found.tensors)
+
+
+def _with_state(path, clip, classnames, config, tensors):
     if tensors["ctx"].shape[-1] != clip.config.text_width:
         raise ValueError(f"{path} has context width {tensors['ctx'].shape[-1]}, this CLIP's text width is "
                          f"{clip.config.text_width}; pass the CLIP the prompt was learned with")
-    model = build_prompted_clip(clip, names, config)
+    model = build_prompted_clip(clip, classnames, config)
     try:
         model.learner.load_state_dict(tensors)
     except RuntimeError as e:
@@ -390,6 +417,9 @@ def nearest_words(ctx, token_embedding, k: int = 5):
                          "the width of the token embeddings")
     if not 1 <= k <= E.shape[0]:
         raise ValueError(f"k={k} must be between 1 and the vocabulary size {E.shape[0]}")
-    d = torch.cdist(ctx.reshape(-1, ctx.shape[-1]).float(), E.float().to(ctx.device))   # (N, V)
-    dist, ids = d.topk(k, dim=-1, largest=False, sorted=True)
-    return ids.view(*ctx.shape[:-1], k), dist.view(*ctx.shape[:-1], k)
+    # fp64 differences, not cdist's matmul form: the same digits on every run and thread count
+    rows, E = ctx.reshape(-1, ctx.shape[-1]).double(), E.double().to(ctx.device)
+    found = [torch.cdist(chunk, E, compute_mode="donot_use_mm_for_euclid_dist").topk(k, dim=-1, largest=False)
+             for chunk in rows.split(64)]                                                    # (n, V) each
+    dist, ids = torch.cat([f.values for f in found]), torch.cat([f.indices for f in found])
+    return ids.view(*ctx.shape[:-1], k), dist.float().view(*ctx.shape[:-1], k)

@@ -18,13 +18,16 @@ Means and stds are over seeds, the std np.std's (the population's), as parse_tes
 that of the mean base and the mean new; the Average row averages base and new over the datasets and
 takes H of those averages, as the CoCoOp paper does. A cell without results is "-", one over fewer
 seeds than its table's fullest says how many ("(2/3)"); an average needs every dataset of its table.
+The official CoOp/CoCoOp code's run folders below RUNS (their log.txt, coop_min.official_runs) are rows
+of their own beside coop_min's, "CoOp (official)": few-shot runs, base-to-new from each test_new run and
+the train_base run it loaded, transfer from each evaluation and its ImageNet run.
 """
 import csv
 import json
 import os
 import statistics
 
-from coop_min import cli, options, plots
+from coop_min import cli, official_runs, options, plots
 from coop_min.data import DATASETS, dataset_key
 from coop_min.evaluate import harmonic_mean
 
@@ -35,8 +38,10 @@ ORDER = ("ImageNet", "Caltech101", "OxfordPets", "StanfordCars", "OxfordFlowers"
 # ("training": epochs, batch size, lr set apart from the paper's)
 SETTING = ("method", "n_ctx", "ctx_init", "csc", "class_token_position", "weights", "templates", "precision",
            "data", "training")
+# in the papers' order, the official code's after ours
 NAMES = {"zero-shot": "zero-shot CLIP", "linear-probe": "linear-probe CLIP", "coop": "CoOp",
-         "cocoop": "CoCoOp"}                                                     # in the papers' order
+         "coop-official": "CoOp (official)", "cocoop": "CoCoOp", "cocoop-official": "CoCoOp (official)"}
+OFFICIAL = {"coop": "coop-official", "cocoop": "cocoop-official"}       # the official code's rows' method
 TABLES = ("few_shot", "base2new", "cross_dataset", "dg")
 
 
@@ -151,6 +156,50 @@ def _add_evaluation(tables, folder, r, side, runs, evaluated):
     return True
 
 
+def _official_setting(run):
+    """The row of an official_runs.OfficialRun: its settings under our names (its backbone is our
+    weights), the method marked official."""
+    config = {"method": OFFICIAL[run.method], "n_ctx": run.n_ctx, "ctx_init": run.ctx_init, "csc": run.csc,
+              "class_token_position": run.class_token_position, "weights": run.backbone or None,
+              "precision": run.precision or None, "data": run.data_root, "epochs": run.epochs,
+              "batch_size": run.batch_size, "lr": run.lr}
+    return _setting({"method": run.method, "shots": run.shots, "dataset": run.dataset}, config)
+
+
+def _add_official(tables, runs):
+    """The official code's runs into the few-shot, base-to-new and transfer tables; returns how many run
+    folders were left out (no result, another trainer, an evaluation without its trained run)."""
+    by_folder = {run.folder: run for run in runs}
+    used = set()
+    for run in runs:
+        if run.method not in OFFICIAL or run.accuracy is None:
+            continue
+        if run.trained and run.subsample == "all" and run.shots is not None:
+            _add(tables["few_shot"], _official_setting(run), run.dataset, run.shots, run.seed, run.accuracy)
+            used.add(run.folder)
+        elif (source := by_folder.get(run.source)) and _add_official_evaluation(tables, run, source):
+            used |= {run.folder, source.folder}
+    return len(runs) - len(used)
+
+
+def _add_official_evaluation(tables, run, source):
+    """An eval-only run and the trained run it loaded: base and new of test_new, or a transfer target and
+    the source; False for any other pair."""
+    if source.method != run.method or source.accuracy is None or source.shots is None:
+        return False
+    row = _official_setting(source)
+    if source.subsample == "base" and run.subsample == "new":
+        _add(tables["base2new"], row, source.dataset, "base", source.seed, source.accuracy)
+        _add(tables["base2new"], row, source.dataset, "new", source.seed, run.accuracy)
+        return True
+    if source.subsample == run.subsample == "all" and run.dataset != source.dataset:
+        table = tables["dg" if run.dataset in DG_TARGETS else "cross_dataset"]
+        _add(table, row, run.dataset, "accuracy", source.seed, run.accuracy)
+        _add(table, row, source.dataset, "accuracy", source.seed, source.accuracy)
+        return True
+    return False
+
+
 def _value(name, value):
     if name in ("weights", "data"):
         return os.path.basename(str(value or "")) or "default"
@@ -166,8 +215,17 @@ def labels(settings):
         same = [t for t in settings if t[0] == s[0]]
         differ = [i for i in range(1, len(SETTING)) if len({t[i] for t in same}) > 1]
         extra = ", ".join(f"{SETTING[i].replace('_', ' ')} {_value(SETTING[i], s[i])}" for i in differ)
-        out[s] = NAMES[s[0]] + (f" ({extra})" if extra else "")
+        out[s] = _label(NAMES[s[0]], extra)
     return dict(sorted(out.items(), key=lambda kv: (list(NAMES).index(kv[0][0]), kv[1])))
+
+
+def _label(name, extra):
+    """A method's name and the settings its row differs in: "CoOp (n ctx 4)", "CoOp (official, n ctx 4)"."""
+    if not extra:
+        return name
+    if name.endswith(")"):
+        return f"{name[:-1]}, {extra})"
+    return f"{name} ({extra})"
 
 
 def differing(settings):
@@ -393,11 +451,15 @@ def summarize(root, output=None):
     output = output or root
     os.makedirs(output, exist_ok=True)
     tables, left_out = collect(root)
+    official_left_out = _add_official(tables, official_runs.find_runs(root))
     lines = [f"# Results below {root}", "", _NOTE, ""]
     if left_out:
         lines += [
             f"({left_out} results.json left out: unreadable, or evaluations without a sweep.json or run)",
             ""]
+    if official_left_out:
+        lines += [f"({official_left_out} official log.txt left out: no result, a trainer other than CoOp or "
+                  "CoCoOp, or an evaluation whose trained run is not below RUNS)", ""]
     if rows := tables["few_shot"]:
         lines += ["## Few-shot (CoOp, Figure 3): test accuracy (%)", "", *_differ_line(rows)]
         for s, name in labels(rows).items():
@@ -438,8 +500,10 @@ def main(argv=None):
 
 def _main(argv):
     p = cli.parser("python -m coop_min.summarize", description=(
-        "The papers' tables (Markdown, CSV) and plots (PNG and SVG) from every results.json below RUNS."))
-    p.add_argument("runs", metavar="RUNS", help="the folder of the runs (a sweep's --output)")
+        "The papers' tables (Markdown, CSV) and plots (PNG and SVG) from every results.json below RUNS, "
+        "and from the official CoOp/CoCoOp code's run folders (log.txt) there, as rows of their own."))
+    p.add_argument("runs", metavar="RUNS", help="the folder of the runs (a sweep's --output, or the official "
+                   "code's output/)")
     p.add_argument("--output", help="the folder for summary.md, the CSV files and the plots (default RUNS)")
     args = p.parse_args(argv)
     if not os.path.isdir(args.runs):

@@ -208,6 +208,21 @@ def token_string(i):
     return _default().decoder[i]
 
 
+def token_text(i):
+    """Token `i` as a person reads it: 'photo' for 'photo</w>' (a word's end), 'pho-' for a piece
+    inside a word, its bytes in hex for a piece that is no text on its own ('<f09f94>'); never a space."""
+    entry = token_string(i)
+    if entry.startswith("<|"):                          # <|startoftext|>, <|endoftext|>
+        return entry
+    piece = entry.removesuffix("</w>")
+    raw = bytes(_default().byte_decoder[c] for c in piece)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        text = f"<{raw.hex()}>"
+    return text if entry.endswith("</w>") else text + "-"
+
+
 def tokenize(texts, context_length=77, truncate=False):
     """SOT + ids + EOT of each text, zero-padded: LongTensor (N, context_length), as `clip.tokenize`.
 

@@ -437,7 +437,7 @@ def test_the_phrase_init_is_the_checkpoints_values_not_their_bf16_rounding():
 
 def test_interpret_compares_against_the_checkpoints_fp32_embedding(setup, finished):
     from coop_min.clip import load_clip
-    from coop_min.tokenizer import token_string
+    from coop_min.tokenizer import token_text
     from safetensors.torch import load_file
 
     run, weights = finished
@@ -447,9 +447,9 @@ def test_interpret_compares_against_the_checkpoints_fp32_embedding(setup, finish
     assert r.returncode == 0, r.stderr
     ctx = load_file(str(run / "prompt.safetensors"))["ctx"]
     ids, _ = nearest_words(ctx, load_clip(weights).token_embedding, 3)
-    want = [str([token_string(int(i)) for i in row]) for row in ids]
-    got = [line.split(": ", 1)[1].rsplit(" [", 1)[0] for line in r.stdout.splitlines() if line[:1].isdigit()]
-    assert got == want
+    want = [[token_text(int(i)) for i in row] for row in ids]
+    rows = [line.split() for line in r.stdout.splitlines() if line.split()[:1] and line.split()[0].isdigit()]
+    assert [row[1::2] for row in rows] == want
 
 
 def test_progress_means_rate_and_eta_on_a_fake_clock():

@@ -152,9 +152,10 @@ def test_evaluate_interprets_context_and_classifies_one_image(setup, tmp_path):
     r = subprocess.run(_cmd("coop_min.evaluate", setup, "--prompt", str(out), "--interpret", "3"),
                        env=ENV, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    lines = [line for line in r.stdout.splitlines() if line[:1].isdigit()]
-    # M=16 rows of 3 tokens and their distances
-    assert len(lines) == 16 and all(line.count("'") >= 12 for line in lines)
+    rows = [line.split() for line in r.stdout.splitlines() if line.split()[:1] and line.split()[0].isdigit()]
+    # M=16 rows: the context vector's number, then 3 tokens with their distances
+    assert [row[0] for row in rows] == [str(m) for m in range(1, 17)] and all(len(row) == 7 for row in rows)
+    assert all(float(d) > 0 for row in rows for d in row[2::2])
     split = json.loads((out / "split.json").read_text())
     image = os.path.join(split["root"], split["test"][0][0])
     r = subprocess.run(_cmd("coop_min.evaluate", setup, "--prompt", str(out), "--image", image),

@@ -27,12 +27,9 @@ count, inferred as width / 64 as OpenAI does: open_clip's ViT-H-14 image tower (
 needs --vision-heads 16. A Hugging Face config.json states both, and contradicting flags are refused.
 """
 import argparse
-import collections
 import hashlib
-import io
 import json
 import os
-import pickle
 import sys
 import warnings
 import zipfile
@@ -44,114 +41,34 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 import coop_min.cli as cli   # the module itself: coop_min/__init__.py (coop_min.load) leads here
+import coop_min.pickles as pickles
 from coop_min.clip import build_clip
 from coop_min.files import atomic_write
 
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 _TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 _OPENAI_EXTRAS = ("input_resolution", "context_length", "vocab_size")  # int buffers in OpenAI's archives
-_MAX_ZIP_RATIO = 10     # torch writes zip entries uncompressed: together they are the file's size, not 10x it
 _MAX_LAYERS = 128       # coop_min.clip refuses deeper towers too; no CLIP comes near
-_READ_CHUNK = 1 << 24   # bytes per readinto: a storage is read in place, never held twice
 
 
 # ----------------------------------------------------------------------------------------------
 # OpenAI TorchScript archives, read without executing pickled code
 
 
-class _ScriptObject:
+class _ScriptObject(pickles.Inert):
     """Stands in for every TorchScript class (`__torch__.*`): keeps the pickled state, runs nothing."""
 
-    state = None
 
-    def __setstate__(self, state):  # pickle's BUILD: a module's {attribute name: value}
-        self.state = state
+class _TorchScriptUnpickler(pickles.RestrictedUnpickler):
+    """Tensors, OrderedDict and TorchScript module objects (as _ScriptObject): what a traced CLIP holds."""
 
-
-_STORAGE_DTYPES = {
-    "FloatStorage": torch.float32, "HalfStorage": torch.float16, "BFloat16Storage": torch.bfloat16,
-    "DoubleStorage": torch.float64, "LongStorage": torch.int64, "IntStorage": torch.int32,
-    "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8,
-    "BoolStorage": torch.bool,
-}
-
-
-def _rebuild_tensor(storage, storage_offset, size, stride, *unused):
-    # torch._utils._rebuild_tensor_v2(storage, offset, size, stride, requires_grad, hooks[, metadata])
-    return storage.as_strided(size, stride, storage_offset)
-
-
-class _RestrictedUnpickler(pickle.Unpickler):
-    """Unpickles `<archive>/data.pkl`: tensors, plain containers and placeholders, nothing else."""
-
-    def __init__(self, archive: zipfile.ZipFile, prefix: str):
-        super().__init__(io.BytesIO(archive.read(prefix + "data.pkl")))
-        self._archive, self._prefix, self._storages = archive, prefix, {}
+    def __init__(self, archive, prefix):
+        super().__init__(archive, prefix, pickles.TENSORS, "CLIP weights need only tensors")
 
     def find_class(self, module, name):
         if module == "__torch__" or module.startswith("__torch__."):
             return _ScriptObject
-        if module == "torch" and name in _STORAGE_DTYPES:
-            return _STORAGE_DTYPES[name]
-        if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
-            return _rebuild_tensor
-        if (module, name) == ("collections", "OrderedDict"):
-            return collections.OrderedDict
-        raise pickle.UnpicklingError(f"refused to load the global {module}.{name}: CLIP weights need only tensors")
-
-    def persistent_load(self, pid):
-        # ("storage", dtype, key, location, numel) -> the flat tensor of <archive>/data/<key>; torch.save's
-        # legacy format adds a sixth item, the view of the storage, None when the whole storage is meant
-        if isinstance(pid, tuple) and len(pid) == 6 and pid[5] is None:
-            pid = pid[:5]
-        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and isinstance(pid[1], torch.dtype)
-                and isinstance(pid[2], str) and type(pid[4]) is int and pid[4] >= 0):
-            raise pickle.UnpicklingError(f"unexpected persistent id {str(pid)[:80]}")
-        _, dtype, key, _, numel = pid
-        if key not in self._storages:
-            self._storages[key] = self._read_storage(key, dtype, numel)
-        return self._storages[key]
-
-    def _read_storage(self, key, dtype, numel):
-        name, size = f"{self._prefix}data/{key}", numel * dtype.itemsize
-        try:
-            info = self._archive.getinfo(name)
-        except KeyError:
-            raise pickle.UnpicklingError(f"storage {key} is not in the archive") from None
-        if info.file_size != size:  # checked before reading: the zip directory may claim gigabytes
-            raise pickle.UnpicklingError(f"storage {key} is {info.file_size} bytes in the zip, but its tensors "
-                                         f"need {numel} x {dtype.itemsize} = {size}")
-        data, filled = bytearray(size), 0       # the only copy: filled in place, a chunk at a time
-        with self._archive.open(info) as f:
-            while filled < size and (n := f.readinto(memoryview(data)[filled: filled + _READ_CHUNK])):
-                filled += n
-        if filled != size:
-            raise pickle.UnpicklingError(f"storage {key} unpacks to {filled} bytes, not its entry's {size}")
-        return torch.frombuffer(data, dtype=dtype) if data else torch.empty(0, dtype=dtype)
-
-
-def _open_zip(path) -> zipfile.ZipFile:
-    """The zip archive at path, refused before any entry is read if it is a zip bomb."""
-    try:
-        archive = zipfile.ZipFile(path)
-    except zipfile.BadZipFile as e:
-        raise ValueError(f"cannot read {path} as a zip archive: {e}") from None
-    unpacked, size = sum(info.file_size for info in archive.infolist()), os.path.getsize(path)
-    if unpacked > _MAX_ZIP_RATIO * size:
-        archive.close()
-        raise ValueError(f"{path}: its zip entries unpack to {unpacked} bytes, over {_MAX_ZIP_RATIO}x the file's "
-                         f"{size}; PyTorch stores them uncompressed, so this is no checkpoint (a zip bomb?)")
-    return archive
-
-
-def _torchscript_prefix(archive: zipfile.ZipFile):
-    """'<name>/' of a TorchScript zip (a data.pkl beside constants.pkl), else None."""
-    names = set(archive.namelist())
-    for name in names:
-        prefix = name[: -len("data.pkl")]
-        if name.endswith("/data.pkl") and prefix.count("/") == 1 and prefix + "constants.pkl" in names:
-            return prefix
-    return None
+        return super().find_class(module, name)
 
 
 def _collect_tensors(obj, prefix, out, seen):
@@ -171,12 +88,12 @@ def read_torchscript(path) -> dict:
     A traced module (OpenAI's archives are traced) keeps exactly its parameters and buffers as
     tensor attributes, so this is its state_dict(), with no pickled code run.
     """
-    with _open_zip(path) as archive:
-        prefix = _torchscript_prefix(archive)
+    with pickles.open_zip(path) as archive:
+        prefix = pickles.torchscript_prefix(archive)
         if prefix is None:
             raise ValueError(f"{path} is not a TorchScript archive (no <name>/data.pkl beside constants.pkl)")
         try:
-            root = _RestrictedUnpickler(archive, prefix).load()
+            root = _TorchScriptUnpickler(archive, prefix).load()
         except Exception as e:  # untrusted bytes: whatever breaks, the archive is bad
             raise ValueError(f"cannot read TorchScript archive {path}: {e}") from None
     if not isinstance(root, _ScriptObject):
@@ -414,8 +331,8 @@ def _read_checkpoint(src):
         raise ValueError(f"unknown checkpoint format {src.name!r}: expected an OpenAI/open_clip "
                          f"{'/'.join(_TORCH_SUFFIXES)} or .safetensors file, or a Hugging Face CLIPModel directory")
     if zipfile.is_zipfile(src):
-        with _open_zip(src) as archive:
-            is_torchscript = _torchscript_prefix(archive) is not None
+        with pickles.open_zip(src) as archive:
+            is_torchscript = pickles.torchscript_prefix(archive) is not None
         if is_torchscript:
             return _openai_layout(read_torchscript(src), src), {}, "openai-jit"
     return _openai_layout(_torch_load(src), src), {}, "state-dict"
