@@ -1,4 +1,4 @@
-"""Linear-probe CLIP's C search: coop_min.linear_probe against scikit-learn, the official classifier.
+"""Linear-probe CLIP's C search: coop_min.lpclip against scikit-learn, the official classifier.
 
     python -m benchmarks.linear_probe                  # 16 shots x 100 classes x 1024-d, then ImageNet size
     python -m benchmarks.linear_probe --quick          # small sizes (the dry run)
@@ -24,7 +24,7 @@ import warnings
 import numpy as np
 import torch
 
-from coop_min import linear_probe
+from coop_min import lpclip
 
 
 def features(classes, dim, shots, val_shots, test, seed=0, scale=1.0):
@@ -58,9 +58,9 @@ def sklearn_search(splits):
 
     def score(c):
         return float((fit(c).predict(vx) == vy).mean())
-    kept, _ = linear_probe.bisect(score)
+    kept, _ = lpclip.bisect(score)
     clf = next(clf for c, clf in reversed(fits) if c == kept)
-    grid = {c: clf for c, clf in fits[:len(linear_probe.GRID)]}
+    grid = {c: clf for c, clf in fits[:len(lpclip.GRID)]}
     return {"accuracy": 100 * float((clf.predict(ex) == ey).mean()), "C": float(kept), "fits": len(fits),
             "iterations": sum(int(clf.n_iter_[0]) for _, clf in fits), "grid": grid}
 
@@ -74,7 +74,7 @@ def compare(splits, device):
     (tx, ty) = splits["train"]
     grid = []
     for c, clf in theirs.pop("grid").items():
-        weight, bias = linear_probe.fit(torch.as_tensor(tx, device=device), ty, c)
+        weight, bias = lpclip.fit(torch.as_tensor(tx, device=device), ty, c)
         grid.append({"C": c, "sklearn_iterations": int(clf.n_iter_[0]),
                      "max_abs_weight_difference": float(np.abs(weight.cpu().numpy() - clf.coef_).max()),
                      "max_abs_weight": float(np.abs(weight.cpu().numpy()).max())})
@@ -89,7 +89,7 @@ def _ours(splits, device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     t0 = time.perf_counter()
-    found = linear_probe.search(x, ty, vx, vy, ex, ey, device=device)
+    found = lpclip.search(x, ty, vx, vy, ex, ey, device=device)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - t0
@@ -105,7 +105,7 @@ def _size(a, classes, test):
 def _print_compare(r, title):
     print(f"\n{title}")
     print(f"{'':26}{'seconds':>9}{'fits':>6}{'iterations':>12}{'kept C':>12}{'test acc':>10}")
-    for name, key in (("scikit-learn (official)", "sklearn"), ("coop_min.linear_probe", "ours")):
+    for name, key in (("scikit-learn (official)", "sklearn"), ("coop_min.lpclip", "ours")):
         s = r[key]
         print(f"{name:26}{s['seconds']:9.2f}{s['fits']:6d}{s['iterations']:12d}{s['C']:12.4g}"
               f"{s['accuracy']:10.2f}")

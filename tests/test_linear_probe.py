@@ -1,7 +1,7 @@
-"""coop_min.linear_probe against scikit-learn and transcriptions of the official lpclip code: the solver
-(LogisticRegression at its optimum), the few-shot draw (np.random.seed + np.random.choice), the C
-search (linear_probe.py's bisection), the official report on the official feature files, and a run on
-the demo benchmark (its folder, its cached features, a second call that reuses both)."""
+"""coop_min.lpclip and coop_min.linear_probe against scikit-learn and transcriptions of the official lpclip
+code: the solver (LogisticRegression at its optimum), the few-shot draw (np.random.seed +
+np.random.choice), the C search (linear_probe.py's bisection), the official report on the official feature
+files, and a run on the demo benchmark (its folder, its cached features, a second call that reuses both)."""
 import contextlib
 import functools
 import io
@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from coop_min import data, inputs, linear_probe
+from coop_min import data, inputs, linear_probe, lpclip
 from coop_min.evaluate import split_features
 
 sklearn = pytest.importorskip("sklearn.linear_model")
@@ -79,12 +79,12 @@ def test_fit_matches_sklearn_where_sklearn_converges(classes):
     for C in (1e-3, 1e-1, 1.0):
         clf = _sklearn(x, y, C)
         assert clf.n_iter_[0] < 1000
-        weight, bias = linear_probe.fit(x, y, C)
+        weight, bias = lpclip.fit(x, y, C)
         w_ref, b_ref = _sklearn_rows(clf, classes)
         scale = np.abs(w_ref).max()
         assert np.abs(weight.numpy() - w_ref).max() <= 1e-2 * scale, C      # scikit-learn stops near it
         assert np.abs(bias.numpy() - b_ref).max() <= 2e-2 * scale, C
-        assert (linear_probe.predict(x, weight, bias).numpy() == clf.predict(x)).all()
+        assert (lpclip.predict(x, weight, bias).numpy() == clf.predict(x)).all()
 
 
 @pytest.mark.parametrize("classes", [5, 2])
@@ -95,24 +95,24 @@ def test_fit_is_sklearns_optimum_at_every_c_of_the_grid(classes):
     x, y = _blobs(rng, classes, 12, 25, sep=0.8, scales=np.logspace(0, -1.5, 12))
     for C in (1e-4, 1e-2, 1.0, 1e2):
         w_ref, b_ref = _optimum(x, y, C)
-        weight, bias = linear_probe.fit(x, y, C)
+        weight, bias = lpclip.fit(x, y, C)
         scale = np.abs(w_ref).max()
         assert np.abs(weight.numpy() - w_ref).max() <= 1e-3 * scale, C
         assert np.abs(bias.numpy() - b_ref).max() <= 1e-3 * max(scale, np.abs(b_ref).max()), C
-        assert (linear_probe.predict(x, weight, bias).numpy() == _predict(x, w_ref, b_ref)).all()
+        assert (lpclip.predict(x, weight, bias).numpy() == _predict(x, w_ref, b_ref)).all()
 
 
 def test_fit_from_a_warm_start_reaches_the_same_optimum():
     rng = np.random.RandomState(2)
     x, y = _blobs(rng, 4, 10, 20, sep=0.6)
-    cold = linear_probe.fit(x, y, 10.0)
-    warm = linear_probe.fit(x, y, 10.0, init=linear_probe.fit(x, y, 3.0))
+    cold = lpclip.fit(x, y, 10.0)
+    warm = lpclip.fit(x, y, 10.0, init=lpclip.fit(x, y, 3.0))
     assert torch.allclose(cold[0], warm[0], atol=1e-3 * float(cold[0].abs().max()))
 
 
 def test_fit_refuses_labels_with_a_missing_class():
     with pytest.raises(ValueError, match="each class present"):
-        linear_probe.fit(np.eye(3), [0, 2, 2], 1.0)
+        lpclip.fit(np.eye(3), [0, 2, 2], 1.0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -147,7 +147,7 @@ def test_sample_is_the_official_draw():
         for shots in (1, 2, 4, 8, 16):
             for seed in (1, 2, 3, 10):
                 want = _official_sample(train, val, shots, seed)
-                got = linear_probe.sample(train, val, shots, seed)
+                got = lpclip.sample(train, val, shots, seed)
                 assert [list(g) for g in got] == [list(w) for w in want]
     finally:
         np.random.set_state(state)
@@ -155,7 +155,7 @@ def test_sample_is_the_official_draw():
 
 def test_sample_names_a_class_with_too_few_images():
     with pytest.raises(ValueError, match="class 1 has 1 train images"):
-        linear_probe.sample([0, 0, 1], [0, 1], 2, 1)
+        lpclip.sample([0, 0, 1], [0, 1], 2, 1)
 
 
 class _FakeClassifier:
@@ -199,7 +199,7 @@ def test_bisect_is_the_official_search(peak, step):
         distance = abs(np.log10(c) - peak)
         return -(np.floor(distance / step) * step if step else distance)
     calls, kept = _official_search(curve)
-    got, trace = linear_probe.bisect(curve)
+    got, trace = lpclip.bisect(curve)
     assert [c for c, _ in trace] == calls           # the same C values, bit for bit, in the same order
     assert got == kept
 
@@ -208,7 +208,7 @@ def test_search_fits_each_c_once_and_keeps_the_official_choice():
     rng = np.random.RandomState(4)
     x, y = _blobs(rng, 5, 8, 24, sep=0.5)
     (tx, ty), (vx, vy), (ex, ey) = (x[:60], y[:60]), (x[60:90], y[60:90]), (x[90:], y[90:])
-    found = linear_probe.search(tx, ty, vx, vy, ex, ey)
+    found = lpclip.search(tx, ty, vx, vy, ex, ey)
     assert len(found["trace"]) == 7 + 2 * 8
     assert len(found["fits"]) == len({f"{t['C']:.12g}" for t in found["trace"]}) <= 16
 
@@ -216,7 +216,7 @@ def test_search_fits_each_c_once_and_keeps_the_official_choice():
 
     def accuracy(c):                                                # scored as the official code
         return float((_predict(vx, *optimum(c)) == vy).mean())
-    kept, _ = linear_probe.bisect(accuracy)
+    kept, _ = lpclip.bisect(accuracy)
     assert found["C"] == kept
     assert found["accuracy"] == 100 * (_predict(ex, *optimum(kept)) == ey).sum() / len(ey)
 
@@ -237,7 +237,7 @@ def _official_report(splits, name, shots, seeds):
 
             def accuracy(c, x=vx[va], y=vy[va], optimum=optimum):
                 return sum(_predict(x, *optimum(c)) == y) / len(y)
-            kept, _ = linear_probe.bisect(accuracy)
+            kept, _ = lpclip.bisect(accuracy)
             pred = _predict(ex, *optimum(kept))
             accuracies.append(100 * sum(pred == ey) / len(pred))
         mean = sum(accuracies) / len(accuracies)
@@ -263,7 +263,7 @@ def test_features_mode_prints_the_official_report(tmp_path, capsys):
     folder = tmp_path / "OxfordPets"
     folder.mkdir()
     splits = _write_npz(folder, np.random.RandomState(5))
-    assert {k: (v[0].shape, v[1].shape) for k, v in linear_probe.read_features(str(folder)).items()} == \
+    assert {k: (v[0].shape, v[1].shape) for k, v in lpclip.read_features(str(folder)).items()} == \
         {k: (v[0].shape, v[1].shape) for k, v in splits.items()}
     linear_probe.main(["--features", str(folder), "--shots", "1,4", "--seeds", "1,2", "--device", "cpu"])
     assert capsys.readouterr().out.splitlines() == _official_report(splits, "OxfordPets", (1, 4), (1, 2))
