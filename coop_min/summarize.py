@@ -201,8 +201,10 @@ def _add_official_evaluation(tables, run, source):
 
 
 def _value(name, value):
-    if name in ("weights", "data"):
-        return os.path.basename(str(value or "")) or "default"
+    if name in ("weights", "data"):       # a file or folder by its name; a model name whole ("ViT-B/16")
+        text = str(value or "")
+        named = name == "weights" and not os.path.splitext(text)[1] and not os.path.isabs(text)
+        return (text if named else os.path.basename(text.rstrip("/"))) or "default"
     if name == "training":
         return value or "as the paper"
     return repr(value)

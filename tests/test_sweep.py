@@ -323,3 +323,14 @@ def test_a_linear_probe_dg_sweep_tests_the_imagenet_classifier_on_the_targets(tm
         assert t.argv[t.argv.index("--classifier") + 1] == source.folder
         assert t.argv[t.argv.index("--dataset") + 1] == name
         assert os.path.normpath(os.path.join(t.folder, t.sidecar["prompt"])) == source.folder
+
+
+def test_rows_that_differ_in_backbone_show_a_model_name_whole_and_a_file_by_its_name():
+    from coop_min import summarize
+
+    def row(weights):
+        values = {**dict.fromkeys(summarize.SETTING), "method": "coop", "weights": weights}
+        return tuple(values[k] for k in summarize.SETTING)
+    got = summarize.labels([row("ViT-B/16"), row("/w/rn50.safetensors"), row("hf-hub:org/clip")])
+    assert sorted(got.values()) == ["CoOp (weights ViT-B/16)", "CoOp (weights hf-hub:org/clip)",
+                                    "CoOp (weights rn50.safetensors)"]
