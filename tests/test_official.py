@@ -223,6 +223,7 @@ def test_hostile_pickles_are_refused_and_nothing_runs(tmp_path, clip, case):
     assert not sentinel.exists()
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")     # the TorchScript file is made here
 def test_protocol_0_globals_and_torchscript_and_non_zip_files_are_refused(tmp_path, clip):
     sentinel = tmp_path / "sentinel"
     old = _torch_zip(tmp_path / "a.pth.tar", f"cos\nsystem\n(S'touch {sentinel}'\ntR.".encode())
