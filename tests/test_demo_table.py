@@ -55,10 +55,10 @@ Base-to-new on the demo benchmark (16 shots, mean of seeds 1, 2):
 | CoOp | 82.00 | 55.00 | 65.84 |
 | CoCoOp | 82.00 | 71.00 | 76.10 |
 
-Few-shot, all 36 classes (test accuracy, mean ± std over seeds):
+Few-shot, all 36 classes (test accuracy, mean ± std over seeds; zero-shot CLIP has no seeds):
 
 | shots | 1 | 2 | 4 | 8 | 16 |
 |---|---|---|---|---|---|
-| zero-shot CLIP | 50.00 ± 0.00 | 50.00 ± 0.00 | 50.00 ± 0.00 | 50.00 ± 0.00 | 50.00 ± 0.00 |
+| zero-shot CLIP | 50.00 | 50.00 | 50.00 | 50.00 | 50.00 |
 | CoOp | 42.00 ± 1.00 | 43.00 ± 1.00 | 45.00 ± 1.00 | 49.00 ± 1.00 | 57.00 ± 1.00 |
 """
