@@ -276,15 +276,16 @@ def run(args):
     if args.interpret and not prompt:
         raise ValueError("--interpret needs --prompt (a run folder, a prompt.safetensors or an official "
                          "checkpoint)")
-
+    found = None                              # an official checkpoint: say which settings it is read with
     if prompt and official.is_official(prompt):
-        say(official.read_prompt(prompt, args.class_token_position).origin)
+        found = official.read_prompt(prompt, args.class_token_position)
+        say(found.origin)
 
     def prompted(classnames=None):            # the learned prompts, on the method or the fast path
         model = load_prompt(prompt, clip, classnames, clip_sha, args.class_token_position)
         return model if args.reference_path else fast.FastPromptedCLIP(clip, model.learner)
     if args.interpret:
-        _interpret_prompt(args, prompt, clip, clip_sha, embedding, say)
+        _interpret_prompt(args, prompt, found, clip, clip_sha, embedding, say)
         if args.data is None and not args.image:
             return None
     if args.image:
@@ -297,9 +298,9 @@ def run(args):
     return results
 
 
-def _interpret_prompt(args, prompt, clip, clip_sha, embedding, say):
-    if official.is_official(prompt):         # no class names in the file: the data's, if given
-        ctx = official.read_prompt(prompt, args.class_token_position).tensors["ctx"]
+def _interpret_prompt(args, prompt, found, clip, clip_sha, embedding, say):
+    if found is not None:                    # official: no class names in the file, the data's if given
+        ctx = found.tensors["ctx"]
         names = _load(args).classnames if args.data is not None and ctx.dim() == 3 else None
     else:
         learner = load_prompt(prompt, clip, clip_sha256=clip_sha).learner

@@ -83,7 +83,7 @@ def is_official(path) -> bool:
         return (path / "prompt_learner").is_dir() or (path / "checkpoint").is_file() or any(
             _EPOCH_FILE.fullmatch(f.name) or f.name == "model-best.pth.tar" for f in path.iterdir())
     named = _EPOCH_FILE.fullmatch(path.name) or path.name.endswith(".pth.tar")
-    return path.is_file() and bool(named or zipfile.is_zipfile(path))   # torch.save's zip; safetensors is none
+    return path.is_file() and bool(named or zipfile.is_zipfile(path))   # torch.save's zip; safetensors isn't
 
 
 def read_checkpoint(path) -> dict:
@@ -121,14 +121,9 @@ def _run_settings(run):
         found[key] = (value, "the folder name")
     log = run / "log.txt"
     config = official_runs.read_log_config(log) if log.is_file() else {}
-    logged = {"TRAINER.NAME": "trainer", "DATASET.NAME": "dataset", "MODEL.BACKBONE.NAME": "backbone",
-              "TRAINER.COOP.CLASS_TOKEN_POSITION": "class_token_position"}
-    for key, name in logged.items():
-        if key in config:
-            found[name] = (config[key], "log.txt")
-    trainer = config.get("TRAINER.NAME", "").upper()
-    if trainer in ("COOP", "COCOOP"):
-        found["ctx_init"] = (config.get(f"TRAINER.{trainer}.CTX_INIT", ""), "log.txt")
+    logged = {**official_runs.prompt_settings(config), "dataset": config.get("DATASET.NAME"),
+              "backbone": config.get("MODEL.BACKBONE.NAME")}
+    found.update({name: (value, "log.txt") for name, value in logged.items() if value is not None})
     return found
 
 
@@ -158,9 +153,10 @@ def read_prompt(path, class_token_position: str | None = None) -> OfficialPrompt
     method = "cocoop" if len(tensors) > 1 else "coop"
     run = _run_folder(path, file)
     found = _run_settings(run)
-    trainer = found.get("trainer", ("",))[0]
-    if trainer and trainer.lower() != method:
-        raise ValueError(f"{run / 'log.txt'} says TRAINER.NAME {trainer}, but {file} holds a {method} prompt")
+    trainer = found.get("method", ("",))[0]
+    if trainer and trainer != method:
+        raise ValueError(f"{run / 'log.txt'} names the trainer {trainer} (TRAINER.NAME), but {file} holds a "
+                         f"{method} prompt")
     if method == "cocoop":                   # the official CoCoOp puts the class name at the end only
         position, where = "end", "CoCoOp's only layout"
     elif "class_token_position" in found:

@@ -165,6 +165,24 @@ def folder_settings(path) -> dict[str, str]:
     return out
 
 
+def prompt_settings(config) -> dict[str, str]:
+    """What an official config says of the prompt, as trainers/coop.py and cocoop.py read it, each only
+    where the config states it: "method" (TRAINER.NAME lower-cased), "ctx_init" ("_" read as a space),
+    "class_token_position" (CoCoOp: always "end")."""
+    if "TRAINER.NAME" not in config:
+        return {}
+    method = config["TRAINER.NAME"].lower()
+    block = "TRAINER.COCOOP." if method == "cocoop" else "TRAINER.COOP."
+    out = {"method": method}
+    if block + "CTX_INIT" in config:
+        out["ctx_init"] = config[block + "CTX_INIT"].replace("_", " ")
+    if method == "cocoop":
+        out["class_token_position"] = "end"
+    elif block + "CLASS_TOKEN_POSITION" in config:
+        out["class_token_position"] = config[block + "CLASS_TOKEN_POSITION"]
+    return out
+
+
 def _optional(config, key, kind, where):
     return _number(config[key], kind, where) if key in config else None
 
@@ -180,11 +198,10 @@ def _count(config, key, folder_value, where):
 def _run(folder, lines, config):
     """OfficialRun of a folder whose log.txt is `lines` and printed `config` (no source yet)."""
     where = os.path.join(folder, "log.txt")
-    method = config["TRAINER.NAME"].lower()
+    prompt = prompt_settings(config)
+    method, ctx_init = prompt["method"], prompt.get("ctx_init", "")
     block = "TRAINER.COCOOP." if method == "cocoop" else "TRAINER.COOP."
-    ctx_init = config.get(block + "CTX_INIT", "").replace("_", " ")
     n_ctx = len(ctx_init.split(" ")) if ctx_init else _number(config.get(block + "N_CTX", "16"), int, where)
-    position = "end" if method == "cocoop" else config.get(block + "CLASS_TOKEN_POSITION", "end")
     named = folder_settings(folder)
     trained = TRAINED in (line.strip() for line in lines)
     result = _result(lines, TRAINED if trained else TESTED, where) or {}
@@ -198,7 +215,7 @@ def _run(folder, lines, config):
         n_ctx=n_ctx,
         ctx_init=ctx_init,
         csc=method != "cocoop" and not ctx_init and config.get(block + "CSC") == "True",
-        class_token_position=position,
+        class_token_position=prompt.get("class_token_position", "end"),
         backbone=config.get("MODEL.BACKBONE.NAME", ""),
         precision=config.get(block + "PREC", ""),
         data_root=config.get("DATASET.ROOT", ""),

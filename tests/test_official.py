@@ -129,7 +129,7 @@ def test_settings_come_from_log_then_folder_then_flag_then_default_and_the_line_
     ours = _learner(clip, position="middle")
     logged = tmp_path / "a" / "nctx4_cscFalse_ctpfront" / "seed1"           # log.txt wins over the folder name
     _dassl_save(ours.learner, logged)
-    _log(logged, "middle", ctx_init="a photo of a")
+    _log(logged, "middle", ctx_init="a_photo_of_a")                        # "_" reads as a space, as coop.py
     found = official.read_prompt(logged)
     assert found.class_token_position == "middle" and "class token middle (log.txt)" in found.origin
     assert "init 'a photo of a' (log.txt)" in found.origin and "RN50 on Caltech101" in found.origin
@@ -143,6 +143,9 @@ def test_settings_come_from_log_then_folder_then_flag_then_default_and_the_line_
     assert found.class_token_position == "end" and "paper default" in found.origin
     with pytest.raises(ValueError, match="says the class token is at the middle.*drop the flag"):
         official.read_prompt(logged, "end")
+    _log(logged, "middle", trainer="CoCoOp")                               # a CoOp prompt in a CoCoOp run
+    with pytest.raises(ValueError, match="names the trainer cocoop .* holds a coop prompt"):
+        official.read_prompt(logged)
 
 
 def test_checkpoint_file_named_by_checkpoint_then_highest_epoch_then_best(clip, tmp_path):
