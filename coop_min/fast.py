@@ -6,6 +6,11 @@ Each technique is exact by construction, and tests compare this object with the 
   after the last EOT of the batch (no kept position attends to a cut one).
 - Batched CoCoOp: every (image, class) prompt of a step goes through the text encoder as one batch,
   in chunks of at most `max_prompts_per_chunk`, instead of one image at a time.
+- Prompts as the encoder reads them (class name at the end): SOS, the class tokens after the context
+  and all their positional embeddings never change, so they are cast and summed once (`_tails`, cut
+  after the longest prompt); a step adds the context's positions to the context and writes each
+  chunk's prompts with one `cat`, reading the frozen part as a view where the chunk's prompts are a
+  run (else gathered once per prompt set). The method gathers, concatenates, casts and adds each step.
 - Fused head: `kernels/cosine_ce.py` normalises, computes the logits and the cross-entropy with its
   gradient in one pass.
 - Fused elementwise (`fused_elementwise=True`): on CUDA the frozen CLIP's LayerNorms and QuickGELUs
@@ -29,6 +34,7 @@ captured as a CUDA graph. The settings are a `FastConfig`, fixed when the object
 """
 import copy
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable, NamedTuple, Sequence
 
 import torch
@@ -151,25 +157,34 @@ def text_prefix_kvs(clip, prefix):
     return _text_blocks(clip, prefix.to(clip.dtype) + clip.positional_embedding[:P].to(clip.dtype))[1]
 
 
-def encode_text_prefixed(clip, prefix, suffix, eot, group=None, length=None, kvs=None):
+def encode_text_prefixed(clip, prefix, suffix, eot, group=None):
     """Text features of the sequences [prefix[group[n]], suffix[n]] -> (N, D).
 
     prefix (G, P, W) and suffix (N, S, W) are token embeddings; eot (N,) are EOT positions in the
     full sequence (>= P); group (N,) picks each row's prefix (None: G == 1). Each prefix goes through
-    the transformer once (kvs: text_prefix_kvs(clip, prefix), computed here unless given) and the
-    suffixes attend to its keys/values. length: where to cut (> max(eot)) when the caller knows it
-    on the host; else it is read from the device.
+    the transformer once and the suffixes, cut after the last EOT, attend to its keys/values.
     """
     P = prefix.shape[1]
-    if length is None:
-        if int(eot.min()) < P:
-            raise ValueError(f"an EOT position ({int(eot.min())}) lies inside the shared prefix of length {P}")
-        length = int(eot.max()) + 1
-    S = length - P                                                           # EOT truncation
-    kvs = text_prefix_kvs(clip, prefix) if kvs is None else kvs
+    if int(eot.min()) < P:
+        raise ValueError(f"an EOT position ({int(eot.min())}) lies inside the shared prefix of length {P}")
+    S = int(eot.max()) + 1 - P                                               # EOT truncation
     x = suffix[:, :S].to(clip.dtype) + clip.positional_embedding[P:P + S].to(clip.dtype)
-    x = _text_blocks(clip, x, kvs, group)[0]
-    x = x[torch.arange(x.shape[0], device=x.device), eot - P]                # (N, W)
+    return _encode_after_prefix(clip, x, eot - P, text_prefix_kvs(clip, prefix), group)
+
+
+def _encode_after_prefix(clip, x, eot, kvs, group=None):
+    """Features of suffixes x (N, S, W), positional embeddings added, that continue the prefixes whose
+    keys/values are kvs; eot (N,) are positions in x."""
+    return _text_head(clip, _text_blocks(clip, x, kvs, group)[0], eot)
+
+
+def _encode_positioned(clip, x, eot):
+    """encode_text_embeddings on prompts x (N, L, W) whose positional embeddings are already added."""
+    return _text_head(clip, clip.transformer(x, causal=True), eot)
+
+
+def _text_head(clip, x, eot):  # the last layer's output (N, L, W), EOT positions (N,) -> (N, D)
+    x = x[torch.arange(x.shape[0], device=x.device), eot]                   # (N, W): only EOT rows
     return clip.ln_final(x) @ clip.text_projection.to(x.dtype)
 
 
@@ -206,6 +221,15 @@ def bucket_cuts(eots, max_per_chunk, chunk_cost=CHUNK_COST):
 # the fast prompted classifier
 
 
+class _Chunk(NamedTuple):
+    """One text-encoder batch, made once per prompt set (outside any capture): the frozen part of its
+    prompts as the encoder reads it, and where each prompt reads its context and its EOT."""
+    tails: torch.Tensor                 # (n, S, W) or, for a run of images x a run of classes, (ni, nc, S, W)
+    ctx: slice | torch.Tensor | None    # rows of the context (CSC: classes, CoCoOp: images); None: shared
+    eot: torch.Tensor                   # (n,) EOT positions
+    group: torch.Tensor | None          # CoCoOp: (n,) each prompt's image (its prefix with --shared-prefix)
+
+
 class FastPromptedCLIP(PromptedCLIP):
     """PromptedCLIP's numbers with the techniques of this file; shares `learner` (and the CLIP's
     weights) with whatever else holds them."""
@@ -214,34 +238,52 @@ class FastPromptedCLIP(PromptedCLIP):
         fused = config.fused_elementwise or config.fused_attention
         super().__init__(fused_copy(clip, config.fused_elementwise, config.fused_attention) if fused else clip, learner)
         self.config = config
-        self._plans = {}                         # (EOT positions, device) -> chunks, see _chunks
-        self._indices = {}                       # host index lists -> device tensors
+        self._plans = {}                         # prompt set -> (chunks, permutation back), see _plan
+        pos, dtype, M, L = self.clip.positional_embedding, self.clip.dtype, learner.n_ctx, max(learner.eot_list) + 1
+        with torch.no_grad():                    # the sums encode_text_embeddings would form at every step
+            self.register_buffer("_sos", learner.token_prefix[:1].to(dtype) + pos[:1].to(dtype), persistent=False)
+            self.register_buffer("_ctx_pos", pos[1:1 + M].to(dtype), persistent=False)          # (M, W)
+            self.register_buffer("_tails", learner.token_suffix[:, :L - 1 - M].to(dtype) + pos[1 + M:L].to(dtype),
+                                 persistent=False)                                              # (C, L-1-M, W)
 
-    def _chunks(self, eots, device):
-        """[(prompt indices (n,) long, padded length)] and the permutation back to prompt order
-        (None when plain chunks in order), built once per prompt set and device (outside any capture)."""
-        key = (tuple(eots), str(device))
+    def _plan(self, eots, rows, runs):
+        """Chunks of the prompts with EOT positions `eots` (host ints) and the permutation back to prompt
+        order (None: in order), made once per prompt set and device. rows(ids) -> (context rows, tail
+        rows, images) of prompts `ids`; runs: the chunks without buckets, [(ids, length)]."""
+        key = (tuple(eots), str(self._tails.device), self._tails.dtype)
         if key not in self._plans:
-            n, limit = len(eots), self.config.max_prompts_per_chunk
-            cuts = bucket_cuts(eots, limit, CHUNK_COST) if self.config.length_buckets else [
-                (list(range(a, min(a + limit, n))), max(eots) + 1) for a in range(0, n, limit)]
-            order = [i for idx, _ in cuts for i in idx]
-            in_order = order == list(range(n))
-            whole = len(cuts) == 1 and in_order      # one chunk in order: index itself, no gather
-            chunks = [(None if whole else torch.tensor(idx, device=device), length) for idx, length in cuts]
-            inverse = None if in_order else torch.tensor(order, device=device).argsort()
+            cuts = bucket_cuts(eots, self.config.max_prompts_per_chunk) if self.config.length_buckets else runs
+            device, chunks = self._tails.device, []
+            for ids, length in cuts:
+                ctx, tails, images = rows(ids)
+                tails = self._tails[tails, :length - 1 - self.learner.n_ctx]          # a view, or gathered once
+                if isinstance(ctx, slice) and images is not None:                 # a run of images x a run of classes
+                    tails = tails.expand(ctx.stop - ctx.start, -1, -1, -1)
+                group = None if images is None else torch.tensor(images, device=device)
+                chunks.append(_Chunk(tails, ctx, torch.tensor([eots[i] for i in ids], device=device), group))
+            order = [i for ids, _ in cuts for i in ids]
+            inverse = None if order == list(range(len(eots))) else torch.tensor(order, device=device).argsort()
             self._plans[key] = chunks, inverse
         return self._plans[key]
-
-    def _encode_chunks(self, encode, index, eots):
-        """encode(index part, length) -> features, over `index` (N,) in chunks, in index order."""
-        chunks, inverse = self._chunks(eots, index.device)
-        t = torch.cat([encode(index if i is None else index[i], length) for i, length in chunks])
-        return t if inverse is None else t[inverse]
 
     def _prefix_shared(self):
         lrn = self.learner
         return self.config.shared_prefix and lrn.ctx.dim() == 2 and getattr(lrn, "class_token_position", "end") == "end"
+
+    def _prompts(self, ctx, chunk):
+        """One chunk's prompts (n, L, W) in the CLIP dtype, positions added: [SOS, context, tail].
+        ctx: the fp32 context, (M, W) shared, (C, M, W) per class or (B, M, W) per image. Rows are
+        gathered before the cast: a gather's backward adds its prompts' gradients one at a time, which
+        in bf16 loses most of a sum over hundreds of prompts (an expand's backward is one reduction,
+        accumulated in fp32)."""
+        x = (ctx if chunk.ctx is None else ctx[chunk.ctx]).to(self.clip.dtype) + self._ctx_pos
+        tails = chunk.tails
+        if tails.dim() == 4:                                                # images x classes
+            x = x[:, None].expand(-1, tails.shape[1], -1, -1)
+        elif x.dim() == 2:
+            x = x.expand(len(tails), -1, -1)
+        sos = self._sos.expand(*tails.shape[:-2], 1, -1)
+        return torch.cat([sos, x, tails], -2).flatten(0, -3)
 
     def text_features(self, image_features=None):
         if self.is_conditional:
@@ -250,51 +292,66 @@ class FastPromptedCLIP(PromptedCLIP):
             raise ValueError("CoOp text features do not depend on images; call text_features()")
         lrn, shard = self.learner, self.config.class_shard
         classes = range(lrn.n_cls) if shard is None else shard.classes         # host ints
-        if self._prefix_shared():                                           # one prefix for every class
-            prefix = torch.cat([lrn.token_prefix[:1], lrn.ctx[None].to(lrn.token_prefix.dtype)], 1)
-            kvs = text_prefix_kvs(self.clip, prefix)
-
-            def encode(c, length):
-                return encode_text_prefixed(self.clip, prefix, lrn.token_suffix[c], lrn.eot[c], length=length, kvs=kvs)
-        elif lrn.class_token_position == "end":                             # only the first `length` tokens built
-            def encode(c, length):
-                ctx = (lrn.ctx[c] if lrn.ctx.dim() == 3 else lrn.ctx.expand(len(c), -1, -1)).to(lrn.token_prefix.dtype)
-                prompts = torch.cat([lrn.token_prefix[c], ctx, lrn.token_suffix[c, :length - 1 - lrn.n_ctx]], 1)
-                return self.clip.encode_text_embeddings(prompts, lrn.eot[c])
-        else:
-            def encode(c, length):
-                return self.clip.encode_text_embeddings(lrn(c)[:, :length], lrn.eot[c])
-        t = self._encode_chunks(encode, self._index(classes), [lrn.eot_list[c] for c in classes])
+        t = self._coop_end(classes) if lrn.class_token_position == "end" else self._coop_rearranged(classes)
         return t if shard is None else shard.gather(t)
 
-    def _index(self, items):  # host ints -> a long tensor on the learner's device, made once
-        key = items if isinstance(items, range) else tuple(items)   # a range hashes in O(1) each step
-        if key not in self._indices:
-            self._indices[key] = torch.tensor(list(key), device=self.learner.eot.device)
-        return self._indices[key]
+    def _coop_end(self, classes):  # the class name at the end: (n, D) for classes (host ints)
+        lrn = self.learner
+        eots, limit = [lrn.eot_list[c] for c in classes], self.config.max_prompts_per_chunk
+        runs = [(range(a, min(a + limit, len(eots))), max(eots) + 1) for a in range(0, len(eots), limit)]
+        chunks, inverse = self._plan(eots, partial(self._coop_rows, classes), runs)
+        if self._prefix_shared():                                           # one prefix for every class
+            P = 1 + lrn.n_ctx
+            prefix = torch.cat([self._sos, lrn.ctx[None].to(self.clip.dtype) + self._ctx_pos], 1)   # (1, P, W)
+            kvs = _text_blocks(self.clip, prefix)[1]
+            t = [_encode_after_prefix(self.clip, c.tails, c.eot - P, kvs) for c in chunks]
+        else:
+            t = [_encode_positioned(self.clip, self._prompts(lrn.ctx, c), c.eot) for c in chunks]
+        return torch.cat(t) if inverse is None else torch.cat(t)[inverse]
+
+    def _coop_rows(self, classes, ids):  # prompts `ids` of the class list -> (context rows, tail rows, None)
+        c = [classes[i] for i in ids]
+        rows = slice(c[0], c[-1] + 1) if c == list(range(c[0], c[-1] + 1)) else torch.tensor(c, device=self._tails.device)
+        return (rows if self.learner.ctx.dim() == 3 else None), rows, None
+
+    def _coop_rearranged(self, classes):  # the class name in the middle or front: chunks of lrn(classes)
+        lrn, limit, C = self.learner, self.config.max_prompts_per_chunk, len(classes)
+        t = []
+        for a in range(0, C, limit):
+            c = torch.tensor(classes[a:a + limit], device=lrn.eot.device)
+            t.append(self.clip.encode_text_embeddings(lrn(c)[:, :max(lrn.eot_list) + 1], lrn.eot[c]))
+        return torch.cat(t)
 
     def _cocoop_text_features(self, image_features):  # (B, D) -> (B, C, D)
         lrn = self.learner
         f = self.meta_net_input(image_features)
-        B, C, dtype = len(f), lrn.n_cls, lrn.token_prefix.dtype
-        # (B, M, W) fp32, cast after the gather: the backward sums each image's C class gradients, and
-        # in bf16 that sum over hundreds of classes loses most of the gradient
-        ctx = lrn.shifted_ctx(f)
-        pairs = self._index(range(B * C))                                  # (image, class) = divmod(pair, C)
+        B, C, limit = len(f), lrn.n_cls, self.config.max_prompts_per_chunk
+        ctx = lrn.shifted_ctx(f)                                            # (B, M, W) fp32
+        L = max(lrn.eot_list) + 1
+        if C <= limit:                           # without buckets: runs of whole images ...
+            runs = [(range(b * C, min(b + limit // C, B) * C), L) for b in range(0, B, limit // C)]
+        else:                                    # ... or runs of one image's classes
+            runs = [(range(b * C + k, b * C + min(k + limit, C)), L) for b in range(B) for k in range(0, C, limit)]
+        chunks, inverse = self._plan(lrn.eot_list * B, partial(self._cocoop_rows, C), runs)
         if self._prefix_shared():                                           # one prefix per image
-            prefix = torch.cat([lrn.token_prefix[:1].expand(B, -1, -1), ctx.to(dtype)], 1)
-            kvs = text_prefix_kvs(self.clip, prefix)
-
-            def encode(i, length):
-                c = i % C
-                return encode_text_prefixed(self.clip, prefix, lrn.token_suffix[c], lrn.eot[c], i // C, length, kvs)
+            P = 1 + lrn.n_ctx
+            prefix = torch.cat([self._sos.expand(B, -1, -1), ctx.to(self.clip.dtype) + self._ctx_pos], 1)
+            kvs = _text_blocks(self.clip, prefix)[1]
+            t = [_encode_after_prefix(self.clip, c.tails.flatten(0, -3), c.eot - P, kvs, c.group) for c in chunks]
         else:
-            def encode(i, length):
-                c = i % C
-                suffix = lrn.token_suffix[c, :length - 1 - lrn.n_ctx]
-                prompts = torch.cat([lrn.token_prefix[c], ctx[i // C].to(dtype), suffix], 1)
-                return self.clip.encode_text_embeddings(prompts, lrn.eot[c])
-        return self._encode_chunks(encode, pairs, lrn.eot_list * B).view(B, C, -1)
+            t = [_encode_positioned(self.clip, self._prompts(ctx, c), c.eot) for c in chunks]
+        t = torch.cat(t) if inverse is None else torch.cat(t)[inverse]
+        return t.view(B, C, -1)
+
+    def _cocoop_rows(self, C, ids):
+        """Prompts `ids` (image * C + class) -> (context rows, tail rows, each prompt's image): slices
+        where they are a run of images x a run of classes, else one row per prompt."""
+        images, classes = [i // C for i in ids], [i % C for i in ids]
+        i0, c0, ni, nc = images[0], classes[0], images[-1] + 1 - images[0], classes[-1] + 1 - classes[0]
+        if list(ids) == [(i0 + a) * C + c0 + b for a in range(ni) for b in range(nc)]:
+            return slice(i0, i0 + ni), slice(c0, c0 + nc), images
+        device = self._tails.device
+        return torch.tensor(images, device=device), torch.tensor(classes, device=device), images
 
     def logits_from_features(self, image_features, text=None):  # (B, D) -> (B, C) fp32
         t = self.text_features(image_features if self.is_conditional else None) if text is None else text

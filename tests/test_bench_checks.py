@@ -194,13 +194,13 @@ def test_labels_off_by_one_print_fail_and_exit_1(monkeypatch, tmp_path, capsys):
 
 
 def test_each_time_is_the_median_of_the_timed_steps_with_the_fastest_and_slowest():
-    sleeps = iter([0, 1, 5, 2, 4, 3])                                      # ms: the first call, then 5 timed
+    sleeps = iter([0, 1, 40, 2, 30, 3])                                    # ms: the first call, then 5 timed
 
     def make_step():
         return lambda: time.sleep(next(sleeps) / 1e3) or torch.tensor(1.0)
     r = timing.run_method(make_step, CPU, warmup=1, repeats=5)
-    assert r["ms_min"] <= r["ms"] <= r["ms_max"] and r["ms_max"] - r["ms_min"] > 3
-    assert 2.9 < r["ms"] < 4                                               # the median, 3 ms and a little
+    assert r["ms_min"] <= r["ms"] <= r["ms_max"] and r["ms_max"] - r["ms_min"] > 30
+    assert 2.9 < r["ms"] < 15                    # the median, 3 ms and what a busy machine adds (the mean is 15.2)
 
 
 # ----------------------------------------------------------------------------------------------

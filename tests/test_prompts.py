@@ -5,13 +5,15 @@ trainers/coop.py's PromptLearner (token_prefix / token_suffix slicing, a per-cla
 front), `_official_cocoop_logits` is trainers/cocoop.py's per-image loop; the text encoder they use is
 CLIP's full-length path (all 77 positions), which test_clip.py checks against OpenAI's model.py.
 """
+import copy
 import json
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from coop_min.clip import CLIP, CLIPConfig
+from coop_min.clip import CLIP, CLIPConfig, convert_dtype
 from coop_min.fast import ClassShard, FastConfig, FastPromptedCLIP, bucket_cuts
 from coop_min.prompts import (CoCoOpPromptLearner, CoOpPromptLearner, PromptConfig,
                               build_prompted_clip, export_classifier, load_prompt, nearest_words,
@@ -225,6 +227,48 @@ def test_class_shard_encodes_only_its_classes(clip):
     t = FastPromptedCLIP(clip, method.learner, FastConfig(class_shard=shard)).text_features()                 # the gather stands in for the other ranks' rows
     _close(t[1:3], everything[1:3])
     assert torch.equal(t[[0, 3]], torch.zeros(2, 32))
+
+
+class _WritesBeforeTheText(TorchDispatchMode):
+    """The ops that write a tensor (views left out) before the first op that reads a `cat`'s output
+    (the text transformer's first): [(name, output shape)]."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops, self.cats, self.text_started = [], [], False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.text_started |= any(a is c for a in args for c in self.cats)
+        out = func(*args, **(kwargs or {}))
+        if not self.text_started and not func.is_view:
+            self.ops.append((func.overloadpacket.__name__, out.shape if isinstance(out, torch.Tensor) else torch.Size()))
+            self.cats += [out] if func.overloadpacket is torch.ops.aten.cat else []
+        return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("method,csc,limit,buckets", [("coop", False, 4096, False), ("coop", True, 4096, False),
+                                                     ("coop", False, 3, True), ("cocoop", False, 4096, False),
+                                                     ("cocoop", False, 3, False), ("cocoop", False, 4096, True)])
+def test_a_step_writes_its_prompts_once(clip, monkeypatch, method, csc, limit, buckets, dtype):
+    """The class tokens, SOS and every positional embedding never change: cast and summed once, the
+    prompts of a chunk are one `cat` of them and the context, with no gather, cast or add over the
+    frozen tokens at each step (the method's layout would gather, cat, cast and add)."""
+    import coop_min.fast as fast
+
+    monkeypatch.setattr(fast, "CHUNK_COST", 1)                          # buckets do cut these few prompts
+    model = convert_dtype(copy.deepcopy(clip), dtype)
+    config = PromptConfig(method=method, n_ctx=2, ctx_init="", csc=csc)
+    learner = build_prompted_clip(model, CLASSNAMES, config, seed=0).learner
+    fast_model = FastPromptedCLIP(model, learner, FastConfig(max_prompts_per_chunk=limit, length_buckets=buckets))
+    f = torch.randn(2, 32, generator=torch.Generator().manual_seed(0)).to(dtype)
+    features = f if method == "cocoop" else None
+    fast_model.text_features(features)                                  # the plan is made on the first call
+    with _WritesBeforeTheText() as ops:
+        fast_model.text_features(features)
+    (cat,) = [shape for name, shape in ops.ops if name == "cat"]          # (n, L, W), or (images, classes, L, W)
+    tails = cat[:-2].numel() * (cat[-2] - 1 - 2) * cat[-1]                # the chunk's tokens after the context
+    assert [name for name, shape in ops.ops if shape.numel() >= tails] == ["cat"], ops.ops
 
 
 def test_length_bucket_plan_sorts_cuts_and_restores_the_order(clip):
