@@ -15,6 +15,8 @@ from coop_min.clip import CLIP, CLIPConfig
 from coop_min.demo import write_benchmark
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+if os.environ.get("PYTEST_XDIST_WORKER"):       # pytest -n N: N worker processes, one core each
+    torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[1]
 
 # benchmarks/ (bench.py's modules) is a folder of the checkout, not an installed package. It is
