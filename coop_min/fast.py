@@ -42,7 +42,7 @@ import torch.nn.functional as F
 
 from coop_min import clip as clip_module
 from coop_min.kernels import elementwise
-from coop_min.kernels.attention import causal_attention
+from coop_min.kernels.attention import causal_attention_packed
 from coop_min.kernels.cosine_ce import cosine_ce, cosine_logits, cosine_logits_reference, use_triton
 from coop_min.prompts import PromptedCLIP
 
@@ -122,10 +122,10 @@ def _attention(attn, x, prefix_kv=None, group=None):
     prefix_kv: keys/values (G, h, P, hs) of a prefix that every row continues; row b uses prefix
     group[b] (prefix 0 for all when group is None), exactly as if it had been prepended to the row."""
     B, L, W = x.shape
-    qkv = F.linear(x, attn.in_proj_weight, attn.in_proj_bias)                # (B, L, 3W)
-    q, k, v = qkv.view(B, L, 3, attn.heads, W // attn.heads).permute(2, 0, 3, 1, 4)   # (B, h, L, hs)
+    qkv = F.linear(x, attn.in_proj_weight, attn.in_proj_bias).view(B, L, 3, attn.heads, W // attn.heads)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4)                                    # (B, h, L, hs) views
     if isinstance(attn, _FusedAttention) and use_triton(x):                 # kernels/attention.py
-        y = causal_attention(q, k, v, *(prefix_kv or (None, None)), group)
+        y = causal_attention_packed(qkv, *(prefix_kv or (None, None)), group)   # its backward writes dqkv packed
     elif prefix_kv is None:
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
     else:

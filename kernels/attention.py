@@ -28,7 +28,9 @@ tiles, whose range flushes small values) multiplies in IEEE fp32. Softmax and ds
 Layout: q, k, v (N, H, L, Dh) sharing one set of strides with a unit last stride, as the
 (N, L, 3, H, Dh) packed-qkv views that clip.py makes (no copy); others are made contiguous. The
 output and dq, dk, dv are (N, L, H, Dh) buffers returned as (N, H, L, Dh) views, so the caller's
-`y.transpose(1, 2).reshape(N, L, H * Dh)` is free.
+`y.transpose(1, 2).reshape(N, L, H * Dh)` is free. `causal_attention_packed` takes the packed qkv
+itself and writes dq, dk, dv into one (N, L, 3, H, Dh) gradient: given three views, autograd would
+stack their gradients and copy the stack back into the projection's layout, two more passes.
 
 Prefix (coop_min/fast.py's shared prefix): prefix_k, prefix_v (G, H, P, Dh); group (N,) long picks
 each sequence's prefix (None: G must be 1); group values are not checked (that would cost a host
@@ -124,7 +126,7 @@ def _forward_kernel(q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, group_ptr, o_ptr,
 @jit
 def _backward_kernel(q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, group_ptr, g_ptr,
                      dq_ptr, dk_ptr, dv_ptr, dpk_ptr, dpv_ptr,
-                     L, P, D, scale, s_n, s_h, s_l, s_pg, s_ph, s_pl, s_gn, s_gh, s_gl,
+                     L, P, D, scale, s_n, s_h, s_l, s_pg, s_ph, s_pl, s_gn, s_gh, s_gl, s_dl,
                      H: tl.constexpr, HAS_PREFIX: tl.constexpr, HAS_GROUP: tl.constexpr,
                      WRITE_PREFIX: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
                      BLOCK_D: tl.constexpr):
@@ -142,7 +144,7 @@ def _backward_kernel(q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, group_ptr, g_ptr,
     # each gradient is stored as soon as it is complete, which keeps fewer tiles live at once
     own = kcols - P
     own_mask = (own[:, None] >= 0) & (own[:, None] < L) & (d[None, :] < D)
-    own_off = (n * L + own[:, None]) * (H * D) + h * D + d[None, :]  # dq, dk, dv: (N, L, H, Dh)
+    own_off = (n * L + own[:, None]) * s_dl + h * D + d[None, :]     # dq, dk, dv: (N, L, [3,] H, Dh)
     p_mask = (kcols[:, None] < P) & (d[None, :] < D)
     p_off = ((n * H + h) * P + kcols[:, None]) * D + d[None, :]      # fp32 (N, H, P, Dh) shares
     dv = _dot(tl.trans(p), g)                                        # (BLOCK_K, BLOCK_D)
@@ -152,7 +154,7 @@ def _backward_kernel(q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, group_ptr, g_ptr,
     dp = _dot(g, tl.trans(v))                                        # (BLOCK_Q, BLOCK_K)
     ds = p * (dp - tl.sum(p * dp, axis=1)[:, None])
     dq = _dot(ds, k) * scale
-    tl.store(dq_ptr + (n * L + rows[:, None]) * (H * D) + h * D + d[None, :],
+    tl.store(dq_ptr + (n * L + rows[:, None]) * s_dl + h * D + d[None, :],
              dq.to(dq_ptr.dtype.element_ty), mask=q_mask)
     dk = _dot(tl.trans(ds), q) * scale
     tl.store(dk_ptr + own_off, dk.to(dk_ptr.dtype.element_ty), mask=own_mask)
@@ -191,16 +193,21 @@ def _forward(q, k, v, prefix_k, prefix_v, group):
     return o.transpose(1, 2)                                         # (N, H, L, Dh) view
 
 
-def _backward(grad, q, k, v, prefix_k, prefix_v, group, write_prefix):
+def _backward(grad, q, k, v, prefix_k, prefix_v, group, write_prefix, dqkv=None):
+    """[dq, dk, dv, d prefix_k, d prefix_v]; dqkv: a packed (N, L, 3, H, Dh) buffer to write dq, dk,
+    dv into (they are returned as its views), else each gets its own (N, L, H, Dh) buffer."""
     N, H, L, D = q.shape
     if grad.stride(-1) != 1:
         grad = grad.contiguous()
     pk, pv, grp, P, s_pg, s_ph, s_pl = _prefix_args(q, prefix_k, prefix_v, group)
-    dq, dk, dv = (torch.empty(N, L, H, D, dtype=q.dtype, device=q.device) for _ in range(3))
+    if dqkv is None:
+        dq, dk, dv = (torch.empty(N, L, H, D, dtype=q.dtype, device=q.device) for _ in range(3))
+    else:
+        dq, dk, dv = dqkv.unbind(2)                                  # (N, L, H, Dh) views, rows 3 H Dh apart
     shares = torch.empty(2, N, H, P, D, dtype=torch.float32, device=q.device) if write_prefix else None
     _backward_kernel[(N * H,)](
         q, k, v, pk, pv, grp, grad, dq, dk, dv, *((q, q) if shares is None else shares),
-        L, P, D, 1 / math.sqrt(D), *q.stride()[:3], s_pg, s_ph, s_pl, *grad.stride()[:3],
+        L, P, D, 1 / math.sqrt(D), *q.stride()[:3], s_pg, s_ph, s_pl, *grad.stride()[:3], dq.stride(1),
         H=H, HAS_PREFIX=prefix_k is not None, HAS_GROUP=group is not None,
         WRITE_PREFIX=write_prefix, **_blocks(L, P, D, q.dtype))
     grads = [dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2), None, None]
@@ -226,6 +233,30 @@ class _CausalAttention(torch.autograd.Function):
         write_prefix = prefix_k is not None and any(ctx.needs_input_grad[3:5])
         grads = _backward(grad, q, k, v, prefix_k, prefix_v, group, write_prefix)
         return (*[g if need else None for g, need in zip(grads, ctx.needs_input_grad)], None)
+
+
+class _PackedCausalAttention(torch.autograd.Function):
+    """_CausalAttention on the q, k, v views of one packed qkv (N, L, 3, H, Dh), differentiated in qkv:
+    the backward writes dq, dk, dv into one packed gradient, where three views' gradients would be
+    stacked by autograd and copied back into the projection's layout."""
+
+    @staticmethod
+    def forward(ctx, qkv, prefix_k, prefix_v, group):
+        ctx.save_for_backward(qkv, prefix_k, prefix_v, group)
+        return _forward(*_unpack(qkv), prefix_k, prefix_v, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        qkv, prefix_k, prefix_v, group = ctx.saved_tensors
+        write_prefix = prefix_k is not None and any(ctx.needs_input_grad[1:3])
+        dqkv = torch.empty_like(qkv, memory_format=torch.contiguous_format)
+        _, _, _, dpk, dpv = _backward(grad, *_unpack(qkv), prefix_k, prefix_v, group, write_prefix, dqkv)
+        need = ctx.needs_input_grad
+        return dqkv if need[0] else None, dpk if need[1] else None, dpv if need[2] else None, None
+
+
+def _unpack(qkv):  # (N, L, 3, H, Dh) -> q, k, v (N, H, L, Dh) views
+    return qkv.permute(2, 0, 3, 1, 4).unbind(0)
 
 
 # ----------------------------------------------------------------------------- public API
@@ -279,6 +310,24 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if prefix_k is not None:
         prefix_k, prefix_v = _same_strides(prefix_k, prefix_v)
     return _CausalAttention.apply(q, k, v, prefix_k, prefix_v, group)
+
+
+def causal_attention_packed(qkv: torch.Tensor, prefix_k: torch.Tensor | None = None,
+                            prefix_v: torch.Tensor | None = None, group: torch.Tensor | None = None) -> torch.Tensor:
+    """causal_attention on q, k, v = the views (N, H, L, Dh) of one packed qkv (N, L, 3, H, Dh), as a
+    transformer's in-projection makes it -> (N, H, L, Dh). Where the kernels run, the backward writes
+    the gradient of qkv in its layout (no stack of dq, dk, dv and no copy back)."""
+    if qkv.dim() != 5 or qkv.shape[2] != 3:
+        raise ValueError(f"packed attention wants qkv (N, L, 3, H, Dh), got {tuple(qkv.shape)}")
+    q, k, v = _unpack(qkv)
+    _check(q, k, v, prefix_k, prefix_v, group)
+    P = 0 if prefix_k is None else prefix_k.shape[2]
+    in_range = q.shape[2] + P <= _MAX_BLOCK and q.shape[3] <= _MAX_BLOCK and q.numel() > 0
+    if q.dtype not in _DTYPES or not in_range or not use_triton(q):
+        return causal_attention_reference(q, k, v, prefix_k, prefix_v, group)
+    if prefix_k is not None:
+        prefix_k, prefix_v = _same_strides(prefix_k, prefix_v)
+    return _PackedCausalAttention.apply(qkv.contiguous(), prefix_k, prefix_v, group)
 
 
 def causal_attention_reference(q, k, v, prefix_k=None, prefix_v=None, group=None):

@@ -15,6 +15,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import coop_min.kernels.attention as at
 from conftest import assert_passes_under_interpreter
@@ -160,6 +161,43 @@ def test_packed_qkv_views_need_no_copy_and_the_output_transposes_for_free():
     assert _err(out, out_ref) <= 1e-5 and _err(dx, dx_ref) <= 1e-5
 
 
+class _Ops(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@interpreted
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("P,G", [(0, None), (5, 3)])
+def test_packed_qkv_gradient_is_written_in_place_of_a_stack_and_copy(P, G, dtype):
+    """causal_attention_packed on x (N, L, 3W) viewed as (N, L, 3, H, Dh), as fast.py calls it: the
+    output and every gradient equal float64 SDPA on the unpacked views, and its backward runs no
+    stack or clone (three views' gradients would be stacked, then copied into x's layout)."""
+    N, L, H, D = 4, 13, 2, 64
+    x, grad, pk, pv = _tensors((N, L, 3 * H * D), (N, H, L, D), (G or 1, H, P, D), (G or 1, H, P, D),
+                               dtype=dtype, seed=P)
+    group = None if G is None else torch.tensor([2, 0, 1, 2])
+    x, pk, pv = (t.clone().requires_grad_() for t in (x, pk, pv))
+    q, k, v = x.view(N, L, 3, H, D).permute(2, 0, 3, 1, 4)
+    y_ref, (dq, dk, dv, *dprefix) = _sdpa64(q, k, v, grad, *((pk, pv) if P else ()), group=group)
+    y = at.causal_attention_packed(x.view(N, L, 3, H, D), *((pk, pv) if P else ()), group=group)
+    with _Ops() as ops:
+        y.backward(grad)
+    assert "stack" not in ops.names and "clone" not in ops.names, ops.names
+    dx_ref = torch.stack([dq, dk, dv]).permute(1, 3, 0, 2, 4).reshape(N, L, 3 * H * D)
+    for what, got, want in [("out", y, y_ref), ("dx", x.grad, dx_ref)] + (
+            [("dpk", pk.grad, dprefix[0]), ("dpv", pv.grad, dprefix[1])] if P else []):
+        assert got.dtype == dtype and got.shape == want.shape, what
+        assert _err(got, want) <= _TOL[dtype], (what, _err(got, want))
+    with pytest.raises(ValueError, match=r"\(N, L, 3, H, Dh\)"):
+        at.causal_attention_packed(x.view(N, L, 3 * H, D))
+
+
 @interpreted
 def test_shapes_and_dtypes_outside_the_kernels_run_the_twin(monkeypatch):
     monkeypatch.setattr(at._CausalAttention, "apply", None)          # any kernel call would fail
@@ -239,7 +277,8 @@ def test_every_launch_compiles_to_a_hopper_cubin_without_spills(monkeypatch):
         group = None if G is None else torch.zeros(N, dtype=torch.long)
         grad = torch.empty(N, L, 8, 64, dtype=dtype).transpose(1, 2)   # as y.transpose(1, 2) gets it
         at._forward(q, k, v, pk, pv, group)
-        at._backward(grad, q, k, v, pk, pv, group, write_prefix=P > 0)
+        dqkv = torch.empty(N, L, 3, 8, 64, dtype=dtype)                 # the packed gradient fast.py asks for
+        at._backward(grad, q, k, v, pk, pv, group, write_prefix=P > 0, dqkv=dqkv)
         assert [kernel.fn.__name__ for kernel, _, _ in launches] == ["_forward_kernel", "_backward_kernel"]
         for kernel, args, kwargs in launches:          # one compile per distinct specialisation
             src, options = specialise(target, kernel, args, dict(kwargs))

@@ -154,8 +154,8 @@ def test_fast_path_with_the_kernels_equals_the_reference_path(monkeypatch, metho
     from coop_min.fast import FastConfig, FastPromptedCLIP
     from coop_min.prompts import PromptConfig, build_prompted_clip
 
-    calls = {"layer_norm": 0, "quick_gelu": 0, "causal_attention": 0}
-    for module, name in ((ew, "layer_norm"), (ew, "quick_gelu"), (fast, "causal_attention")):
+    calls = {"layer_norm": 0, "quick_gelu": 0, "causal_attention_packed": 0}
+    for module, name in ((ew, "layer_norm"), (ew, "quick_gelu"), (fast, "causal_attention_packed")):
         kernel = getattr(module, name)
         monkeypatch.setattr(module, name, lambda *a, _k=kernel, _n=name, **k: calls.__setitem__(_n, calls[_n] + 1) or _k(*a, **k))
     torch.manual_seed(0)
@@ -177,7 +177,7 @@ def test_fast_path_with_the_kernels_equals_the_reference_path(monkeypatch, metho
             # ViT: ln_pre, ln_post, 2 per block (a ResNet has none); text: 2 per block and ln_final
             image = (0, 0) if resnet else (2 + 2 * 2, 2)
             assert calls["layer_norm"] >= image[0] + 2 * 2 + 1 and calls["quick_gelu"] >= image[1] + 2, calls
-            assert calls["causal_attention"] >= 2, calls          # each text layer (and its prefix)
+            assert calls["causal_attention_packed"] >= 2, calls   # each text layer (and its prefix)
             seen = dict(calls)
     assert calls == seen                                   # the reference path calls none of them
     (fast_loss, fast_grad), (ref_loss, ref_grad) = results
