@@ -252,7 +252,8 @@ class FastPromptedCLIP(PromptedCLIP):
         rows, images) of prompts `ids`; runs: the chunks without buckets, [(ids, length)]."""
         key = (tuple(eots), str(self._tails.device), self._tails.dtype)
         if key not in self._plans:
-            cuts = bucket_cuts(eots, self.config.max_prompts_per_chunk) if self.config.length_buckets else runs
+            limit = self.config.max_prompts_per_chunk
+            cuts = bucket_cuts(eots, limit, CHUNK_COST) if self.config.length_buckets else runs
             device, chunks = self._tails.device, []
             for ids, length in cuts:
                 ctx, tails, images = rows(ids)
@@ -311,7 +312,8 @@ class FastPromptedCLIP(PromptedCLIP):
 
     def _coop_rows(self, classes, ids):  # prompts `ids` of the class list -> (context rows, tail rows, None)
         c = [classes[i] for i in ids]
-        rows = slice(c[0], c[-1] + 1) if c == list(range(c[0], c[-1] + 1)) else torch.tensor(c, device=self._tails.device)
+        run = c == list(range(c[0], c[-1] + 1))
+        rows = slice(c[0], c[-1] + 1) if run else torch.tensor(c, device=self._tails.device)
         return (rows if self.learner.ctx.dim() == 3 else None), rows, None
 
     def _coop_rearranged(self, classes):  # the class name in the middle or front: chunks of lrn(classes)

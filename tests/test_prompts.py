@@ -241,7 +241,8 @@ class _WritesBeforeTheText(TorchDispatchMode):
         self.text_started |= any(a is c for a in args for c in self.cats)
         out = func(*args, **(kwargs or {}))
         if not self.text_started and not func.is_view:
-            self.ops.append((func.overloadpacket.__name__, out.shape if isinstance(out, torch.Tensor) else torch.Size()))
+            shape = out.shape if isinstance(out, torch.Tensor) else torch.Size()
+            self.ops.append((func.overloadpacket.__name__, shape))
             self.cats += [out] if func.overloadpacket is torch.ops.aten.cat else []
         return out
 
