@@ -285,6 +285,15 @@ def _check(q, k, v, prefix_k, prefix_v, group):
                          f"{tuple(group.shape)}")
 
 
+def _kernels_take(q, k, v, prefix_k, prefix_v, group):
+    """Checks the arguments (errors name the bad one); True where the kernels run them, False where
+    the twin does (a CPU tensor without TRITON_INTERPRET, fp64, L + P or Dh over one block, no rows)."""
+    _check(q, k, v, prefix_k, prefix_v, group)
+    P = 0 if prefix_k is None else prefix_k.shape[2]
+    in_range = q.shape[2] + P <= _MAX_BLOCK and q.shape[3] <= _MAX_BLOCK and q.numel() > 0
+    return q.dtype in _DTYPES and in_range and use_triton(q)
+
+
 def _same_strides(*xs):
     """xs unchanged if they share strides with a unit last one, else contiguous copies."""
     if all(x.stride() == xs[0].stride() for x in xs) and xs[0].stride(-1) == 1:
@@ -301,10 +310,7 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     prefix_v (G, H, P, Dh), each row attends to the P keys of prefix group[n] (prefix 0 when group
     is None) before its own, as if they were prepended to it. Differentiable in q, k, v and the
     prefix keys and values."""
-    _check(q, k, v, prefix_k, prefix_v, group)
-    P = 0 if prefix_k is None else prefix_k.shape[2]
-    in_range = q.shape[2] + P <= _MAX_BLOCK and q.shape[3] <= _MAX_BLOCK and q.numel() > 0
-    if q.dtype not in _DTYPES or not in_range or not use_triton(q):
+    if not _kernels_take(q, k, v, prefix_k, prefix_v, group):
         return causal_attention_reference(q, k, v, prefix_k, prefix_v, group)
     q, k, v = _same_strides(q, k, v)
     if prefix_k is not None:
@@ -320,10 +326,7 @@ def causal_attention_packed(qkv: torch.Tensor, prefix_k: torch.Tensor | None = N
     if qkv.dim() != 5 or qkv.shape[2] != 3:
         raise ValueError(f"packed attention wants qkv (N, L, 3, H, Dh), got {tuple(qkv.shape)}")
     q, k, v = _unpack(qkv)
-    _check(q, k, v, prefix_k, prefix_v, group)
-    P = 0 if prefix_k is None else prefix_k.shape[2]
-    in_range = q.shape[2] + P <= _MAX_BLOCK and q.shape[3] <= _MAX_BLOCK and q.numel() > 0
-    if q.dtype not in _DTYPES or not in_range or not use_triton(q):
+    if not _kernels_take(q, k, v, prefix_k, prefix_v, group):
         return causal_attention_reference(q, k, v, prefix_k, prefix_v, group)
     if prefix_k is not None:
         prefix_k, prefix_v = _same_strides(prefix_k, prefix_v)
