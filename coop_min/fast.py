@@ -271,6 +271,10 @@ class FastPromptedCLIP(PromptedCLIP):
         lrn = self.learner
         return self.config.shared_prefix and lrn.ctx.dim() == 2 and getattr(lrn, "class_token_position", "end") == "end"
 
+    def _prefix_kvs(self, ctx):  # fp32 contexts (G, M, W) -> each text layer's keys/values of [SOS, ctx]
+        prefix = torch.cat([self._sos.expand(len(ctx), -1, -1), ctx.to(self.clip.dtype) + self._ctx_pos], 1)
+        return _text_blocks(self.clip, prefix)[1]                           # (G, 1 + M, W) went in
+
     def _prompts(self, ctx, chunk):
         """One chunk's prompts (n, L, W) in the CLIP dtype, positions added: [SOS, context, tail].
         ctx: the fp32 context, (M, W) shared, (C, M, W) per class or (B, M, W) per image. Rows are
@@ -303,8 +307,7 @@ class FastPromptedCLIP(PromptedCLIP):
         chunks, inverse = self._plan(eots, partial(self._coop_rows, classes), runs)
         if self._prefix_shared():                                           # one prefix for every class
             P = 1 + lrn.n_ctx
-            prefix = torch.cat([self._sos, lrn.ctx[None].to(self.clip.dtype) + self._ctx_pos], 1)   # (1, P, W)
-            kvs = _text_blocks(self.clip, prefix)[1]
+            kvs = self._prefix_kvs(lrn.ctx[None])
             t = [_encode_after_prefix(self.clip, c.tails, c.eot - P, kvs) for c in chunks]
         else:
             t = [_encode_positioned(self.clip, self._prompts(lrn.ctx, c), c.eot) for c in chunks]
@@ -337,8 +340,7 @@ class FastPromptedCLIP(PromptedCLIP):
         chunks, inverse = self._plan(lrn.eot_list * B, partial(self._cocoop_rows, C), runs)
         if self._prefix_shared():                                           # one prefix per image
             P = 1 + lrn.n_ctx
-            prefix = torch.cat([self._sos.expand(B, -1, -1), ctx.to(self.clip.dtype) + self._ctx_pos], 1)
-            kvs = _text_blocks(self.clip, prefix)[1]
+            kvs = self._prefix_kvs(ctx)
             t = [_encode_after_prefix(self.clip, c.tails.flatten(0, -3), c.eot - P, kvs, c.group) for c in chunks]
         else:
             t = [_encode_positioned(self.clip, self._prompts(ctx, c), c.eot) for c in chunks]
